@@ -1,0 +1,2 @@
+//! A deterministic synthetic region: organisations, patients and their records.
+pub mod model;
