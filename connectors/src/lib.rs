@@ -5,6 +5,7 @@
 //! the gateway wraps every connector in the same tower stack. Every connector module has
 //! the same shape: `config.rs`, `client.rs`, `mapping.rs`, `sim.rs`, `tests.rs`.
 
+pub mod conformance;
 pub mod contract;
 pub mod fault;
 pub mod fhir;

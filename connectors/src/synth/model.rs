@@ -201,3 +201,9 @@ impl PatientRecord {
         self.items.iter().filter(move |i| &i.source == ods)
     }
 }
+
+/// Where a simulator finds patients' records: the synthetic region, or a small fixture in a
+/// test. Lookups are by NHS number; `None` means the region does not know the patient.
+pub trait Records: Send + Sync + 'static {
+    fn record(&self, nhs_number: &NhsNumber) -> Option<PatientRecord>;
+}
