@@ -3,4 +3,9 @@
 //! A request flows facade -> plan -> fan-out -> merge -> policy -> audit -> response; the
 //! README draws it. Connectors (one per upstream protocol) live in the `connectors` crate.
 
+pub mod auth;
+pub mod fanout;
+pub mod merge;
+pub mod outcome;
+pub mod policy;
 pub mod principal;
