@@ -3,14 +3,17 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::Instant,
 };
 
 use super::{
-    Region,
+    Region, launch,
     model::{Detail, Label, Protocol, Records},
 };
-use crate::{SourceKind, contract::OdsCode, nhs::NhsNumber};
+use crate::{
+    ConnectorConfig, SourceKind, SourceQuery, contract::OdsCode, fault::Fault, nhs::NhsNumber,
+};
 
 const SENSITIVE_CODES: [&str; 4] = ["8098009", "57797005", "52637005", "407377005"];
 
@@ -254,5 +257,43 @@ fn local_ids_are_unique_per_source_and_resolve_back() {
             let id = record.local_id(trust).unwrap();
             assert!(id.starts_with(trust.as_str()) && id.len() == trust.as_str().len() + 7);
         }
+    }
+}
+
+#[tokio::test]
+async fn launch_starts_a_distinct_endpoint_per_source_and_they_answer() {
+    let region = Arc::new(Region::generate(8, 400, 200));
+    let started = Instant::now();
+    let ods = OdsCode::new("P81002");
+    let launched = launch(region.clone(), &[(ods.clone(), Fault::Error)])
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed().as_secs_f64() < 5.0,
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(launched.sources.len(), region.sources().len());
+    let endpoints: HashSet<_> = launched
+        .sources
+        .iter()
+        .map(|s| s.config.endpoint())
+        .collect();
+    assert_eq!(endpoints.len(), launched.sources.len());
+    assert_eq!(launched.by_ods(&ods).unwrap().fault.get(), Fault::Error);
+    assert_eq!(launched.source("pds").unwrap().fault.get(), Fault::None);
+
+    // A typical patient's GP and first trust answer through connectors built from the configs.
+    let patient = sample(&region, Label::Typical);
+    let summary = region.summary(&patient).unwrap();
+    for ods in [&summary.gp, &summary.trusts[0]] {
+        let s = launched.by_ods(ods).unwrap();
+        assert!(matches!(s.config, ConnectorConfig::Fhir(_)));
+        let c = s
+            .config
+            .build(&s.spec.id, s.spec.ods.clone(), &s.spec.name, s.spec.kind)
+            .unwrap();
+        let got = c.fetch(SourceQuery::everything(patient)).await.unwrap();
+        assert!(got.resources.len() > 1, "{}", s.spec.id);
     }
 }
