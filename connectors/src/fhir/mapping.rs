@@ -315,6 +315,9 @@ fn check_identity(patient: &Value, nhs_number: &NhsNumber) -> Result<(), Connect
 /// skipped. Every resource kept has a `resourceType` and an `id`.
 fn bundle_resources(body: &[u8]) -> Result<Vec<Value>, ConnectorError> {
     let mut bundle: Value = serde_json::from_slice(body).map_err(|_| malformed("not json"))?;
+    if bundle["resourceType"] == "OperationOutcome" {
+        return Err(ConnectorError::Rejected(issue_code(&bundle)));
+    }
     if bundle["resourceType"] != "Bundle" {
         return Err(malformed("not a bundle"));
     }
@@ -341,6 +344,18 @@ fn bundle_resources(body: &[u8]) -> Result<Vec<Value>, ConnectorError> {
         out.push(resource);
     }
     Ok(out)
+}
+
+/// The first issue's code (FHIR's issue-type value set: lowercase words and hyphens), or
+/// `unknown`. Only a code that looks like one is repeated: never free text.
+fn issue_code(outcome: &Value) -> String {
+    outcome["issue"][0]["code"]
+        .as_str()
+        .filter(|c| {
+            (1..=32).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        })
+        .unwrap_or("unknown")
+        .to_owned()
 }
 
 fn malformed(what: &str) -> ConnectorError {

@@ -300,6 +300,23 @@ async fn client_error_status_is_classified() {
 }
 
 #[tokio::test]
+async fn operation_outcome_instead_of_a_bundle_is_rejected_without_its_text() {
+    let body = json!({"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "too-costly", "diagnostics": "patient 9000000009 is huge"}]});
+    let (base, _guard) = canned(ok_reply(&body.to_string())).await;
+    let err = connector(base, SourceKind::GpPractice, 1 << 20)
+        .fetch(SourceQuery::everything(nhs("9000000009")))
+        .await
+        .unwrap_err();
+    assert_eq!(err, ConnectorError::Rejected("too-costly".into()));
+    let odd = json!({"resourceType": "OperationOutcome", "issue": [{"code": "9000000009"}]});
+    assert_eq!(
+        mapping::read_search(odd.to_string().as_bytes(), &nhs("9000000009")),
+        Err(ConnectorError::Rejected("unknown".into()))
+    );
+}
+
+#[tokio::test]
 async fn wrong_shape_json_is_malformed() {
     for body in [
         "[1,2]",

@@ -272,12 +272,7 @@ pub const CHRONIC: [Chronic; 7] = [
             ),
             "Two puffs when required",
         )),
-        monitoring: Some((
-            Code::snomed("313437004", "Peak expiratory flow rate"),
-            "L/min",
-            410.0,
-            60.0,
-        )),
+        monitoring: None,
     },
     Chronic {
         condition: Code::snomed("13645005", "Chronic obstructive lung disease"),

@@ -319,7 +319,9 @@ impl Region {
                 }
             }
         };
-        let age_days = rng.random_range(0..95 * 365);
+        // Patients with items from the sexual-health sets are adults.
+        let youngest = if s.has(Label::Sensitive) { 18 * 365 } else { 0 };
+        let age_days = rng.random_range(youngest..95 * 365);
         let town = &cat::TOWNS[self.practice_towns[s.practice]];
         const LETTERS: &[u8] = b"ABDEFGHJLNPQRSTUWXYZ";
         let postcode = format!(
@@ -461,10 +463,14 @@ fn permuted(i: u64, salt: u64, base: u64, modulus: u64) -> u64 {
     base + (i * 7_919 + salt % modulus) % modulus
 }
 
-/// A UUID-shaped id whose last group is a bijection of the index, so ids never repeat.
+/// A UUID-shaped id whose last group is a bijection of the index (an odd multiplier and an
+/// offset, modulo 2^48), so ids never repeat.
 fn gp_uuid(seed: u64, i: u64) -> String {
     let h = splitmix(seed ^ i.wrapping_mul(0xA24B_AED4_963E_E407));
-    let tail = i.wrapping_mul(0x0005_DEEC_E66D) & 0xFFFF_FFFF_FFFF;
+    let tail = i
+        .wrapping_mul(0x0005_DEEC_E66D)
+        .wrapping_add(splitmix(seed))
+        & 0xFFFF_FFFF_FFFF;
     format!(
         "{:08x}-{:04x}-4{:03x}-{:04x}-{tail:012x}",
         h >> 32,
@@ -596,6 +602,21 @@ impl Builder {
         }
     }
 
+    /// The autumn (flu season) of `t`'s year, when that falls inside the history.
+    fn flu_season(&mut self, t: DateTime) -> DateTime {
+        let date = Date {
+            year: t.date.year,
+            month: self.rng.random_range(10..12u8),
+            day: self.rng.random_range(1..29u8),
+        };
+        let day = day_number(date);
+        if (self.from..=self.to).contains(&day) {
+            DateTime { date, ..t }
+        } else {
+            t
+        }
+    }
+
     fn any_time(&mut self) -> DateTime {
         self.at(self.from, self.to)
     }
@@ -607,7 +628,8 @@ impl Builder {
     fn gp_record(&mut self, gp: &Source, s: &PatientSummary, gender: Gender) -> Shared {
         let age_years = (self.to - self.born) / 365;
         let chronic_count = match age_years {
-            0..30 => self.rng.random_range(0..2usize),
+            0..18 => 0,
+            18..30 => self.rng.random_range(0..2usize),
             30..60 => self.rng.random_range(0..3usize),
             _ => self.rng.random_range(1..4usize),
         };
@@ -699,7 +721,10 @@ impl Builder {
         };
         for _ in 0..jabs {
             let code = pick(&mut self.rng, &cat::IMMUNISATIONS);
-            let at = self.any_time();
+            let mut at = self.any_time();
+            if code == cat::IMMUNISATIONS[0] {
+                at = self.flu_season(at);
+            }
             gp.push(&mut self.items, code, at, false, Detail::Immunization);
             if immunisation.is_none() {
                 immunisation = self.items.last().cloned();
