@@ -75,9 +75,11 @@ impl FhirConnector {
                 "base_url `{base}`: only http:// URLs with a host are supported"
             ));
         }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .build_http();
+            .build(connector);
         Ok(Self {
             inner: Arc::new(Inner {
                 client,

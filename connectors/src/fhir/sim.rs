@@ -47,6 +47,8 @@ pub fn serve(
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        // Replies are small and latency is the point of the demo.
+                        let _ = stream.set_nodelay(true);
                         let sim = Arc::clone(&sim);
                         connections.spawn(async move {
                             let service = service_fn(move |req| {

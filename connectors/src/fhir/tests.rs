@@ -431,6 +431,29 @@ async fn simulator_serves_reads_metadata_and_errors() {
     );
 }
 
+#[tokio::test]
+async fn a_hung_request_is_released_when_its_client_goes_away() {
+    let region = region();
+    let pds = region.sources()[0].clone();
+    let (base, fault, _guard) = start_sim(&region, &pds).await;
+    fault.set(Fault::Hang);
+    let addr = base.trim_start_matches("http://").trim_end_matches("/fhir");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /fhir/metadata HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    // The server notices the client left and closes; the guard only stops a failing test.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+}
+
 // ---- mapping ----
 
 #[test]
