@@ -374,6 +374,12 @@ pub const PROCEDURES: [Code; 5] = [
     Code::snomed("54885007", "Cataract extraction"),
 ];
 
+/// What the private provider does.
+pub const PRIVATE_PROCEDURES: [Code; 2] = [
+    Code::snomed("54885007", "Cataract extraction"),
+    Code::snomed("52734007", "Total replacement of hip"),
+];
+
 pub const ADMISSION: Code = Code::snomed("32485007", "Hospital admission");
 pub const OUTPATIENT: Code = Code::snomed("11429006", "Consultation");
 pub const EMERGENCY: Code = Code::snomed("4525004", "Emergency department patient visit");
@@ -392,6 +398,12 @@ pub const CLINICS: [&str; 4] = [
     "Cardiology Outpatients",
     "Orthopaedic Clinic",
     "Respiratory Clinic",
+];
+
+pub const SOCIAL_CARE_STAFF: [&str; 3] = [
+    "A Whittaker (Social Worker)",
+    "J Hussain (Social Worker)",
+    "K Pilling (Occupational Therapist)",
 ];
 
 pub const DISCHARGE_SUMMARY: Code = Code::snomed("373942005", "Discharge summary");

@@ -220,7 +220,8 @@ impl Region {
     }
 
     /// The patient's id at every source that knows them. Pure functions of (seed, index), each
-    /// unique within its source; the demographics source uses the NHS number, as PDS does.
+    /// unique within its source and, by its shape or ODS prefix, across sources (one lookup
+    /// table serves them all); the demographics source uses the NHS number, as PDS does.
     fn local_ids(&self, idx: usize, s: &PatientSummary) -> Vec<(OdsCode, String)> {
         let i = idx as u64;
         let mut ids = vec![
@@ -238,7 +239,7 @@ impl Region {
             let salt = splitmix(self.seed ^ hash_str(ods.as_str()));
             ids.push((
                 ods.clone(),
-                format!("SC{}", permuted(i, salt, 10_000_000, 90_000_000)),
+                format!("{ods}-{}", permuted(i, salt, 10_000_000, 90_000_000)),
             ));
         }
         if let Some(ods) = &s.private_provider {
@@ -263,36 +264,23 @@ impl Region {
             // Ten years of history, or since birth.
             from: born.max(day_number(TODAY) - 3650),
             to: day_number(TODAY),
+            at: OdsCode::new(""),
+            patient: String::new(),
+            next: 1,
         };
-        let local = |ods: &OdsCode| {
-            local_ids
-                .iter()
-                .find(|(o, _)| o == ods)
-                .map(|(_, id)| id.clone())
-                .unwrap_or_default()
-        };
-
-        let gp = Source::new(s.gp.clone(), local(&s.gp));
-        let shared = b.gp_record(&gp, s, demographics.gender);
+        let shared = b.gp_record(&local_ids, s, demographics.gender);
         for (n, ods) in s.trusts.iter().enumerate() {
-            let trust = Source::new(ods.clone(), local(ods));
-            b.trust_record(&trust, &shared);
+            b.trust_record(&local_ids, ods, &shared);
             // The shared immunisation exists only for patients labelled Duplicated.
             if let (0, Some(imm)) = (n, &shared.immunisation) {
-                trust.push(
-                    &mut b.items,
-                    imm.code.clone(),
-                    imm.recorded,
-                    false,
-                    Detail::Immunization,
-                );
+                b.add(imm.code.clone(), imm.recorded, Detail::Immunization);
             }
         }
         if let Some(ods) = &s.council {
-            b.council_record(&Source::new(ods.clone(), local(ods)));
+            b.council_record(&local_ids, ods);
         }
         if let Some(ods) = &s.private_provider {
-            b.private_record(&Source::new(ods.clone(), local(ods)));
+            b.private_record(&local_ids, ods);
         }
         PatientRecord {
             demographics,
@@ -535,43 +523,6 @@ fn date_of(days: i64) -> Date {
     Date { year, month, day }
 }
 
-/// One source's view while its items are built: its ODS code, the patient's local id there,
-/// and a counter that makes item ids unique within the source.
-struct Source {
-    ods: OdsCode,
-    patient: String,
-    next: std::cell::Cell<u32>,
-}
-
-impl Source {
-    fn new(ods: OdsCode, patient: String) -> Self {
-        Self {
-            ods,
-            patient,
-            next: std::cell::Cell::new(1),
-        }
-    }
-
-    fn push(
-        &self,
-        items: &mut Vec<Item>,
-        code: Code,
-        at: DateTime,
-        confidential: bool,
-        detail: Detail,
-    ) {
-        let n = self.next.replace(self.next.get() + 1);
-        items.push(Item {
-            source: self.ods.clone(),
-            local_id: format!("{}-{n}", self.patient),
-            code,
-            recorded: at,
-            confidential,
-            detail,
-        });
-    }
-}
-
 /// What the GP record shares with the trusts' records.
 struct Shared {
     conditions: Vec<Code>,
@@ -580,16 +531,72 @@ struct Shared {
     immunisation: Option<Item>,
 }
 
+/// Builds one patient's items, one source at a time.
 struct Builder {
     rng: StdRng,
     items: Vec<Item>,
     born: i64,
+    /// The history's first and last day.
     from: i64,
     to: i64,
+    /// The source whose items are being built, the patient's local id there, and the next
+    /// item number (item ids are `{local id}-{n}`, so unique within the source).
+    at: OdsCode,
+    patient: String,
+    next: u32,
 }
 
 impl Builder {
-    fn at(&mut self, from: i64, to: i64) -> DateTime {
+    fn start(&mut self, local_ids: &[(OdsCode, String)], ods: &OdsCode) {
+        self.at = ods.clone();
+        self.patient = local_ids
+            .iter()
+            .find(|(o, _)| o == ods)
+            .map(|(_, id)| id.clone())
+            .unwrap_or_default();
+        self.next = 1;
+    }
+
+    /// Adds an item at the current source.
+    fn add(&mut self, code: Code, at: DateTime, detail: Detail) -> &mut Item {
+        let local_id = format!("{}-{}", self.patient, self.next);
+        self.next += 1;
+        self.items.push(Item {
+            source: self.at.clone(),
+            local_id,
+            code,
+            recorded: at,
+            confidential: false,
+            detail,
+        });
+        let last = self.items.len() - 1;
+        &mut self.items[last]
+    }
+
+    /// Adds an encounter of `minutes` from `start`; returns its end.
+    fn encounter(
+        &mut self,
+        code: Code,
+        class: &'static str,
+        start: DateTime,
+        minutes: i64,
+        location: String,
+        attending: String,
+    ) -> DateTime {
+        let end = plus_minutes(start, minutes);
+        let visit_number = format!("{}-V{}", self.patient, self.next);
+        let detail = EncounterDetail {
+            class,
+            end: Some(end),
+            location,
+            attending,
+            visit_number,
+        };
+        self.add(code, start, Detail::Encounter(detail));
+        end
+    }
+
+    fn between(&mut self, from: i64, to: i64) -> DateTime {
         let day = if from < to {
             self.rng.random_range(from..=to)
         } else {
@@ -602,6 +609,10 @@ impl Builder {
         }
     }
 
+    fn any_time(&mut self) -> DateTime {
+        self.between(self.from, self.to)
+    }
+
     /// The autumn (flu season) of `t`'s year, when that falls inside the history.
     fn flu_season(&mut self, t: DateTime) -> DateTime {
         let date = Date {
@@ -609,23 +620,24 @@ impl Builder {
             month: self.rng.random_range(10..12u8),
             day: self.rng.random_range(1..29u8),
         };
-        let day = day_number(date);
-        if (self.from..=self.to).contains(&day) {
+        if (self.from..=self.to).contains(&day_number(date)) {
             DateTime { date, ..t }
         } else {
             t
         }
     }
 
-    fn any_time(&mut self) -> DateTime {
-        self.at(self.from, self.to)
-    }
-
     fn clinician(&mut self) -> String {
         pick(&mut self.rng, &cat::CLINICIANS).to_owned()
     }
 
-    fn gp_record(&mut self, gp: &Source, s: &PatientSummary, gender: Gender) -> Shared {
+    fn gp_record(
+        &mut self,
+        local_ids: &[(OdsCode, String)],
+        s: &PatientSummary,
+        gender: Gender,
+    ) -> Shared {
+        self.start(local_ids, &s.gp);
         let age_years = (self.to - self.born) / 365;
         let chronic_count = match age_years {
             0..18 => 0,
@@ -643,38 +655,23 @@ impl Builder {
         let mut conditions = Vec::new();
         for c in chronic {
             let onset = self.any_time();
-            let onset_day = day_number(onset.date);
-            gp.push(
-                &mut self.items,
+            let since = day_number(onset.date);
+            self.add(
                 c.condition.clone(),
                 onset,
-                false,
                 Detail::Condition { active: true },
             );
             conditions.push(c.condition.clone());
             if let Some((med, dose)) = &c.medication {
-                let at = self.at(onset_day, self.to);
-                gp.push(
-                    &mut self.items,
-                    med.clone(),
-                    at,
-                    false,
-                    Detail::Medication {
-                        dose: (*dose).to_owned(),
-                    },
-                );
+                let at = self.between(since, self.to);
+                let dose = (*dose).to_owned();
+                self.add(med.clone(), at, Detail::Medication { dose });
             }
             if let Some((code, unit, mean, spread)) = &c.monitoring {
                 for _ in 0..self.rng.random_range(1..4u32) {
-                    let at = self.at(onset_day, self.to);
+                    let at = self.between(since, self.to);
                     let value = around(&mut self.rng, *mean, *spread);
-                    gp.push(
-                        &mut self.items,
-                        code.clone(),
-                        at,
-                        false,
-                        Detail::Observation { value, unit },
-                    );
+                    self.add(code.clone(), at, Detail::Observation { value, unit });
                 }
             }
         }
@@ -682,13 +679,7 @@ impl Builder {
             let (code, unit, mean, spread) = pick(&mut self.rng, &cat::VITALS);
             let at = self.any_time();
             let value = around(&mut self.rng, mean, spread);
-            gp.push(
-                &mut self.items,
-                code,
-                at,
-                false,
-                Detail::Observation { value, unit },
-            );
+            self.add(code, at, Detail::Observation { value, unit });
         }
         let allergy = self
             .rng
@@ -696,23 +687,16 @@ impl Builder {
             .then(|| pick(&mut self.rng, &cat::ALLERGIES));
         if let Some((code, reaction)) = &allergy {
             let at = self.any_time();
-            gp.push(
-                &mut self.items,
-                code.clone(),
-                at,
-                false,
-                Detail::Allergy {
-                    reaction: reaction.clone(),
-                },
-            );
+            let reaction = reaction.clone();
+            self.add(code.clone(), at, Detail::Allergy { reaction });
         }
         for _ in 0..self.rng.random_range(1..3u32) {
             let at = self.any_time();
             let doctor = self.clinician();
             let room = format!("Consulting Room {}", self.rng.random_range(1..6u32));
-            self.encounter(gp, cat::OUTPATIENT, "AMB", at, 15, room, doctor);
+            self.encounter(cat::OUTPATIENT, "AMB", at, 15, room, doctor);
         }
-        // Immunisations: older patients and those with long-term conditions get flu jabs.
+        // Older patients and those with long-term conditions have more immunisations.
         let mut immunisation = None;
         let jabs = if age_years >= 65 || !conditions.is_empty() {
             2
@@ -725,38 +709,24 @@ impl Builder {
             if code == cat::IMMUNISATIONS[0] {
                 at = self.flu_season(at);
             }
-            gp.push(&mut self.items, code, at, false, Detail::Immunization);
-            if immunisation.is_none() {
-                immunisation = self.items.last().cloned();
-            }
+            let item = self.add(code, at, Detail::Immunization).clone();
+            immunisation.get_or_insert(item);
         }
         if self.rng.random_bool(0.08) {
             let code = pick(&mut self.rng, &[cat::DEPRESSION, cat::ANXIETY]);
             let at = self.any_time();
-            gp.push(
-                &mut self.items,
-                code,
-                at,
-                false,
-                Detail::Condition { active: true },
-            );
+            self.add(code, at, Detail::Condition { active: true });
         }
         if s.has(Label::Dissent) {
             let at = self.any_time();
-            gp.push(&mut self.items, cat::DISSENT, at, false, Detail::Consent);
+            self.add(cat::DISSENT, at, Detail::Consent);
         }
         if s.has(Label::Sensitive) {
-            let choices: &[Code] = if gender == Gender::Female {
-                &[
-                    cat::STI,
-                    cat::TERMINATION,
-                    cat::IVF,
-                    cat::GENDER_REASSIGNMENT,
-                ]
-            } else {
-                &[cat::STI, cat::IVF, cat::GENDER_REASSIGNMENT]
-            };
-            let code = choices[self.rng.random_range(0..choices.len())].clone();
+            let mut choices = vec![cat::STI, cat::IVF, cat::GENDER_REASSIGNMENT];
+            if gender == Gender::Female {
+                choices.push(cat::TERMINATION);
+            }
+            let code = pick(&mut self.rng, &choices);
             let detail = if code == cat::TERMINATION || code == cat::IVF {
                 Detail::Procedure
             } else {
@@ -765,16 +735,11 @@ impl Builder {
                 }
             };
             let at = self.any_time();
-            gp.push(&mut self.items, code, at, false, detail);
+            self.add(code, at, detail);
             // A practice-confidential entry, as GP Connect marks with NOPAT.
             let at = self.any_time();
-            gp.push(
-                &mut self.items,
-                cat::DEPRESSION,
-                at,
-                true,
-                Detail::Condition { active: true },
-            );
+            self.add(cat::DEPRESSION, at, Detail::Condition { active: true })
+                .confidential = true;
         }
         Shared {
             conditions,
@@ -783,30 +748,20 @@ impl Builder {
         }
     }
 
-    fn trust_record(&mut self, trust: &Source, shared: &Shared) {
-        if trust.ods.as_str() == "RW5" {
+    /// What a PAS holds: encounters (PV1), diagnoses (DG1), procedures (PR1), observations
+    /// (OBX), allergies (AL1), and discharge summaries.
+    fn trust_record(&mut self, local_ids: &[(OdsCode, String)], ods: &OdsCode, shared: &Shared) {
+        self.start(local_ids, ods);
+        if ods.as_str() == "RW5" {
             for _ in 0..self.rng.random_range(1..3u32) {
                 let at = self.any_time();
                 let doctor = self.clinician();
-                self.encounter(
-                    trust,
-                    cat::OUTPATIENT,
-                    "AMB",
-                    at,
-                    60,
-                    "Community Mental Health Team".into(),
-                    doctor,
-                );
+                let team = "Community Mental Health Team".to_owned();
+                self.encounter(cat::OUTPATIENT, "AMB", at, 60, team, doctor);
             }
             let code = pick(&mut self.rng, &[cat::DEPRESSION, cat::ANXIETY]);
             let at = self.any_time();
-            trust.push(
-                &mut self.items,
-                code,
-                at,
-                false,
-                Detail::Condition { active: true },
-            );
+            self.add(code, at, Detail::Condition { active: true });
             return;
         }
         for _ in 0..self.rng.random_range(1..4u32) {
@@ -814,136 +769,71 @@ impl Builder {
             let doctor = self.clinician();
             let (code, class, minutes, place) = match self.rng.random_range(0..100u32) {
                 0..35 => {
-                    let days = self.rng.random_range(1..10i64);
-                    (
-                        cat::ADMISSION,
-                        "IMP",
-                        days * 1440 + 120,
-                        pick(&mut self.rng, &cat::WARDS).to_owned(),
-                    )
+                    let minutes = self.rng.random_range(1..10i64) * 1440 + 120;
+                    let ward = pick(&mut self.rng, &cat::WARDS);
+                    (cat::ADMISSION, "IMP", minutes, ward)
                 }
-                35..80 => (
-                    cat::OUTPATIENT,
-                    "AMB",
-                    40,
-                    pick(&mut self.rng, &cat::CLINICS).to_owned(),
-                ),
-                _ => (
-                    cat::EMERGENCY,
-                    "EMER",
-                    self.rng.random_range(2..7i64) * 60,
-                    "Emergency Department".to_owned(),
-                ),
+                35..80 => {
+                    let clinic = pick(&mut self.rng, &cat::CLINICS);
+                    (cat::OUTPATIENT, "AMB", 40, clinic)
+                }
+                _ => {
+                    let minutes = self.rng.random_range(2..7i64) * 60;
+                    (cat::EMERGENCY, "EMER", minutes, "Emergency Department")
+                }
             };
-            let end = self.encounter(trust, code, class, start, minutes, place, doctor);
-            // DG1: the reason, or a long-term condition the GP also knows of.
+            let end = self.encounter(code, class, start, minutes, place.to_owned(), doctor);
+            // The reason: an acute problem, or at a clinic a condition the GP also records.
             let reason = match shared.conditions.first() {
                 Some(c) if class == "AMB" => c.clone(),
                 _ => pick(&mut self.rng, &cat::ACUTE),
             };
-            trust.push(
-                &mut self.items,
-                reason,
-                start,
-                false,
-                Detail::Condition { active: false },
-            );
-            // OBX: observations taken on arrival.
+            self.add(reason, start, Detail::Condition { active: false });
+            // Observations taken on arrival.
             let (code, unit, mean, spread) = pick(&mut self.rng, &cat::VITALS);
             let value = around(&mut self.rng, mean, spread);
-            trust.push(
-                &mut self.items,
+            self.add(
                 code,
                 plus_minutes(start, 10),
-                false,
                 Detail::Observation { value, unit },
             );
             if class == "IMP" {
                 if self.rng.random_bool(0.4) {
                     let code = pick(&mut self.rng, &cat::PROCEDURES);
-                    trust.push(
-                        &mut self.items,
-                        code,
-                        plus_minutes(start, 1440),
-                        false,
-                        Detail::Procedure,
-                    );
+                    self.add(code, plus_minutes(start, 1440), Detail::Procedure);
                 }
-                trust.push(
-                    &mut self.items,
-                    cat::DISCHARGE_SUMMARY,
-                    end,
-                    false,
-                    Detail::Document {
-                        title: "Discharge summary".into(),
-                    },
-                );
+                let title = "Discharge summary".to_owned();
+                self.add(cat::DISCHARGE_SUMMARY, end, Detail::Document { title });
             }
         }
         if let Some((code, reaction)) = &shared.allergy
             && self.rng.random_bool(0.5)
         {
             let at = self.any_time();
-            trust.push(
-                &mut self.items,
-                code.clone(),
-                at,
-                false,
-                Detail::Allergy {
-                    reaction: reaction.clone(),
-                },
-            );
+            let reaction = reaction.clone();
+            self.add(code.clone(), at, Detail::Allergy { reaction });
         }
     }
 
-    fn council_record(&mut self, council: &Source) {
+    fn council_record(&mut self, local_ids: &[(OdsCode, String)], ods: &OdsCode) {
+        self.start(local_ids, ods);
         let at = self.any_time();
-        let worker = pick(
-            &mut self.rng,
-            &[
-                "A Whittaker (Social Worker)",
-                "J Hussain (Social Worker)",
-                "K Pilling (Occupational Therapist)",
-            ],
-        )
-        .to_owned();
-        self.encounter(
-            council,
-            cat::HOME_VISIT,
-            "HH",
-            at,
-            90,
-            "Home".into(),
-            worker,
-        );
-        council.push(
-            &mut self.items,
-            cat::ASSESSMENT_REPORT,
-            plus_minutes(at, 90),
-            false,
-            Detail::Document {
-                title: "Care Act needs assessment".into(),
-            },
-        );
+        let worker = pick(&mut self.rng, &cat::SOCIAL_CARE_STAFF).to_owned();
+        let end = self.encounter(cat::HOME_VISIT, "HH", at, 90, "Home".into(), worker);
+        let title = "Care Act needs assessment".to_owned();
+        self.add(cat::ASSESSMENT_REPORT, end, Detail::Document { title });
         if self.rng.random_bool(0.6) {
-            let later = self.at(day_number(at.date), self.to);
-            council.push(
-                &mut self.items,
-                cat::CARE_PLAN,
-                later,
-                false,
-                Detail::Document {
-                    title: "Care and support plan".into(),
-                },
-            );
+            let later = self.between(day_number(at.date), self.to);
+            let title = "Care and support plan".to_owned();
+            self.add(cat::CARE_PLAN, later, Detail::Document { title });
         }
     }
 
-    fn private_record(&mut self, provider: &Source) {
+    fn private_record(&mut self, local_ids: &[(OdsCode, String)], ods: &OdsCode) {
+        self.start(local_ids, ods);
         let at = self.any_time();
         let doctor = self.clinician();
         self.encounter(
-            provider,
             cat::OUTPATIENT,
             "AMB",
             at,
@@ -951,43 +841,8 @@ impl Builder {
             "Day Case Unit".into(),
             doctor,
         );
-        let code = pick(&mut self.rng, &[&cat::PROCEDURES[4], &cat::PROCEDURES[2]]).clone();
-        provider.push(
-            &mut self.items,
-            code,
-            plus_minutes(at, 60),
-            false,
-            Detail::Procedure,
-        );
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn encounter(
-        &mut self,
-        src: &Source,
-        code: Code,
-        class: &'static str,
-        start: DateTime,
-        minutes: i64,
-        location: String,
-        attending: String,
-    ) -> DateTime {
-        let end = plus_minutes(start, minutes);
-        let visit_number = format!("{}-V{}", src.patient, src.next.get());
-        src.push(
-            &mut self.items,
-            code,
-            start,
-            false,
-            Detail::Encounter(EncounterDetail {
-                class,
-                end: Some(end),
-                location,
-                attending,
-                visit_number,
-            }),
-        );
-        end
+        let code = pick(&mut self.rng, &cat::PRIVATE_PROCEDURES);
+        self.add(code, plus_minutes(at, 60), Detail::Procedure);
     }
 }
 
