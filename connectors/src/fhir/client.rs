@@ -152,7 +152,7 @@ impl Inner {
         let request = Request::get(url)
             .header(header::ACCEPT, "application/fhir+json")
             .body(Empty::new())
-            .map_err(|_| ConnectorError::Malformed("reply gave an unusable patient id".into()))?;
+            .map_err(|_| ConnectorError::Malformed("request url is invalid".into()))?;
         let response = self.client.request(request).await.map_err(|e| {
             if e.is_connect() {
                 ConnectorError::Connect(describe(&e))

@@ -349,7 +349,7 @@ async fn garbage_from_the_simulator_is_malformed() {
 }
 
 #[tokio::test]
-async fn refused_connection_is_connect_and_early_close_is_transport() {
+async fn refused_is_connect_early_close_is_transport_and_not_http_is_malformed() {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let base = format!("http://{}/fhir", listener.local_addr().unwrap());
     drop(listener);
@@ -366,6 +366,16 @@ async fn refused_connection_is_connect_and_early_close_is_transport() {
         .await
         .unwrap_err();
     assert!(matches!(err, ConnectorError::Transport(_)), "{err:?}");
+
+    let (base, _guard) = canned(&b"SSH-2.0-OpenSSH_9.6\r\n\r\n"[..]).await;
+    let err = connector(base, SourceKind::GpPractice, 1 << 20)
+        .fetch(SourceQuery::everything(nhs("9000000009")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConnectorError::Malformed(_)),
+        "not http: {err:?}"
+    );
 }
 
 #[test]
