@@ -206,4 +206,10 @@ impl PatientRecord {
 /// test. Lookups are by NHS number; `None` means the region does not know the patient.
 pub trait Records: Send + Sync + 'static {
     fn record(&self, nhs_number: &NhsNumber) -> Option<PatientRecord>;
+
+    /// The NHS number of the patient a source knows by a local id (what a simulator needs to
+    /// answer `Patient/{id}` reads). The default knows no local ids.
+    fn nhs_number_by_local_id(&self, _ods: &OdsCode, _local_id: &str) -> Option<NhsNumber> {
+        None
+    }
 }
