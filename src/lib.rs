@@ -3,9 +3,21 @@
 //! A request flows facade -> plan -> fan-out -> merge -> policy -> audit -> response; the
 //! README draws it. Connectors (one per upstream protocol) live in the `connectors` crate.
 
+pub mod admin;
+pub mod audit;
 pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod facade;
 pub mod fanout;
+pub mod fhir;
+pub mod gateway;
 pub mod merge;
 pub mod outcome;
+pub mod plan;
 pub mod policy;
 pub mod principal;
+pub mod server;
+pub mod telemetry;
+pub mod upstreams;

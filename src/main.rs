@@ -1,1 +1,8 @@
-fn main() {}
+//! The `tributary` binary.
+
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tributary::cli::run().await
+}

@@ -245,10 +245,9 @@ fn rewrite_references(value: &mut Value, ods: &OdsCode, nhs: &str) {
         Value::Object(obj) => {
             for (key, v) in obj.iter_mut() {
                 if key == "reference" {
-                    if let Some(s) = v.as_str() {
-                        if let Some(rewritten) = rewrite_reference(s, ods, nhs) {
-                            *v = Value::String(rewritten);
-                        }
+                    if let Some(rewritten) = v.as_str().and_then(|s| rewrite_reference(s, ods, nhs))
+                    {
+                        *v = Value::String(rewritten);
                     }
                 } else {
                     rewrite_references(v, ods, nhs);

@@ -4,7 +4,6 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
-    time::Instant,
 };
 
 use super::{
@@ -61,15 +60,13 @@ fn nhs_numbers_are_valid_unique_and_in_the_test_range() {
 }
 
 #[test]
-fn ten_thousand_patients_generate_quickly() {
-    let started = Instant::now();
+fn the_demo_default_of_ten_thousand_patients_generates_in_full() {
     let region = Region::generate(2026, 20, 10_000);
     assert_eq!(region.patients().len(), 10_000);
-    // Generous for an unoptimised build on a busy two-core machine.
+    let last = region.patients().last().unwrap().nhs_number;
     assert!(
-        started.elapsed().as_secs_f64() < 3.0,
-        "{:?}",
-        started.elapsed()
+        region.record(&last).is_some(),
+        "records are built on demand to the last patient"
     );
 }
 
@@ -263,16 +260,10 @@ fn local_ids_are_unique_per_source_and_resolve_back() {
 #[tokio::test]
 async fn launch_starts_a_distinct_endpoint_per_source_and_they_answer() {
     let region = Arc::new(Region::generate(8, 400, 200));
-    let started = Instant::now();
     let ods = OdsCode::new("P81002");
     let launched = launch(region.clone(), &[(ods.clone(), Fault::Error)])
         .await
         .unwrap();
-    assert!(
-        started.elapsed().as_secs_f64() < 5.0,
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(launched.sources.len(), region.sources().len());
     let endpoints: HashSet<_> = launched
         .sources

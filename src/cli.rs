@@ -1,0 +1,146 @@
+//! The `tributary` command line.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{auth, config::Config, demo, server, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tributary",
+    version,
+    about = "Federated shared care record gateway: one FHIR R4 facade over many organisations' systems"
+)]
+pub struct Cli {
+    /// Log as JSON lines (stderr).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway and a synthetic region of real upstream servers on loopback.
+    Demo(demo::DemoArgs),
+    /// Run the gateway against a real region described by a TOML file.
+    Serve(ServeArgs),
+    /// Check a config file and report every problem at once.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Mint a bearer token signed with the demo key (demo only: the key is public).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Policy directory (overrides the config's).
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// Audit directory (overrides the config's).
+    #[arg(long)]
+    audit_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// National RBAC role code, e.g. R8000 (Clinical Practitioner).
+    #[arg(long)]
+    role: String,
+    /// The caller's organisation's ODS code.
+    #[arg(long)]
+    org: String,
+    #[arg(long, default_value = "demo-user")]
+    sub: String,
+    #[arg(long, default_value = "direct-care")]
+    purpose: String,
+    /// How long the token lasts, e.g. 8h, 30m.
+    #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+}
+
+/// Parses the command line and runs it.
+pub async fn run() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_json);
+    match cli.command {
+        Command::Demo(args) => report(demo::run(args).await),
+        Command::Serve(args) => report(serve(args).await),
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: OK ({} sources, plan {:?})",
+                    config.display(),
+                    c.sources.len(),
+                    c.plan
+                );
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                eprintln!("{} problem(s) found", problems.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Token(t) => {
+            match auth::mint_demo_token(&t.sub, &t.role, &t.org, &t.purpose, t.ttl) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(Err(e)),
+            }
+        }
+    }
+}
+
+fn report(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let config = Config::load(&args.config).map_err(|problems| {
+        format!(
+            "{} has problems:\n{}",
+            args.config.display(),
+            problems.join("\n")
+        )
+    })?;
+    let audit_dir = args
+        .audit_dir
+        .or(config.audit_dir)
+        .ok_or("no audit directory: set [gateway] audit_dir or pass --audit-dir (nothing is released unaudited)")?;
+    let policies = args
+        .policies
+        .or(config.policies)
+        .unwrap_or_else(|| PathBuf::from("policies"));
+    let running = server::start(server::Settings {
+        listen: config.listen,
+        admin_listen: config.admin_listen,
+        budget: config.budget,
+        plan: config.plan,
+        auth: config.auth,
+        audit_dir,
+        policy: crate::policy::load_for_serving(&policies)?,
+        sources: config.sources,
+    })
+    .await?;
+    println!("base URL {}", running.base_url);
+    println!("admin URL {}", running.admin_url);
+    server::stop_signal().await;
+    running.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,519 @@
+//! Configuration of a real region: a TOML file naming the organisations, their connectors and
+//! endpoints, the request budget, the plan and the token keys.
+//!
+//! Every problem is collected before anything runs (`tributary check --config FILE` prints
+//! them all): each section and each source is read on its own, so one typo does not hide the
+//! next, and every message names the file, line and column it refers to.
+
+use std::{
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use connectors::{ConnectorConfig, OdsCode, SourceKind};
+use serde::Deserialize;
+use toml::{
+    Spanned,
+    de::{DeTable, DeValue, ValueDeserializer},
+};
+
+use crate::{auth::TrustedKey, plan::PlanMode};
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub budget: Budget,
+    pub plan: PlanMode,
+    pub auth: AuthSettings,
+    pub audit_dir: Option<PathBuf>,
+    pub policies: Option<PathBuf>,
+    pub sources: Vec<SourceConfig>,
+}
+
+/// How long a request may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// The deadline of a request that does not ask for less.
+    #[serde(with = "humantime_serde", default = "default_budget")]
+    pub default: Duration,
+    /// The most a request may ask for with `Prefer: wait=N`.
+    #[serde(with = "humantime_serde", default = "default_max_budget")]
+    pub max: Duration,
+    /// Kept back from upstream calls for merge, policy and audit.
+    #[serde(with = "humantime_serde", default = "default_reserve")]
+    pub reserve: Duration,
+}
+
+fn default_budget() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_budget() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reserve() -> Duration {
+    Duration::from_millis(50)
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            default: default_budget(),
+            max: default_max_budget(),
+            reserve: default_reserve(),
+        }
+    }
+}
+
+/// Token verification settings, keys loaded.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub audience: String,
+    pub issuer: Option<String>,
+    pub keys: Vec<TrustedKey>,
+}
+
+/// One organisation's system.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    /// The key in `[sources.<id>]`.
+    pub id: String,
+    pub ods: OdsCode,
+    pub name: String,
+    pub kind: SourceKind,
+    pub max_concurrency: usize,
+    pub connector: ConnectorConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_admin_listen")]
+    admin_listen: String,
+    audit_dir: Option<PathBuf>,
+    policies: Option<PathBuf>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    mode: PlanMode,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    audience: String,
+    issuer: Option<String>,
+    keys: Vec<RawKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    kid: Option<String>,
+    algorithm: String,
+    /// PEM public key file, relative to the config file.
+    public_key_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    ods: String,
+    name: String,
+    kind: SourceKind,
+    #[serde(default = "default_max_concurrency")]
+    max_concurrency: usize,
+    connector: ConnectorConfig,
+}
+
+fn default_max_concurrency() -> usize {
+    64
+}
+
+/// Collects problems with their places in the file.
+struct Problems<'a> {
+    file: &'a Path,
+    text: &'a str,
+    list: Vec<String>,
+}
+
+impl Problems<'_> {
+    /// Records a problem at a place in the file, or (no span) with the file as a whole.
+    fn at(&mut self, span: Option<Range<usize>>, what: &str, message: impl std::fmt::Display) {
+        let file = self.file.display();
+        self.list.push(match span {
+            Some(s) => {
+                let (line, col) = line_col(self.text, s.start);
+                format!("{file}:{line}:{col}: {what}: {message}")
+            }
+            None => format!("{file}: {what}: {message}"),
+        });
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Reads a section on its own, so its errors do not hide another section's; errors point
+/// at the offending field.
+fn section<T: for<'de> Deserialize<'de>>(
+    p: &mut Problems<'_>,
+    value: Spanned<DeValue<'_>>,
+    what: &str,
+) -> Option<T> {
+    match T::deserialize(ValueDeserializer::from(value)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            p.at(e.span(), what, e.message().trim());
+            None
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file; `Err` lists every problem found.
+    pub fn load(path: &Path) -> Result<Config, Vec<String>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates config text; `path` names it in messages and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<String>> {
+        let mut p = Problems {
+            file: path,
+            text,
+            list: Vec::new(),
+        };
+        let (document, syntax) = DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            for e in syntax {
+                p.at(e.span(), "TOML", e.message().trim());
+            }
+            return Err(p.list);
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+
+        let (mut gateway, mut budget, mut plan, mut auth_section, mut source_tables) =
+            (None, None, None, None, Vec::new());
+        for (key, value) in document.into_inner() {
+            match key.get_ref().as_ref() {
+                "gateway" => gateway = Some(section::<RawGateway>(&mut p, value, "[gateway]")),
+                "budget" => budget = Some(section::<Budget>(&mut p, value, "[budget]")),
+                "plan" => plan = Some(section::<RawPlan>(&mut p, value, "[plan]").map(|r| r.mode)),
+                "auth" => auth_section = Some(value),
+                "sources" => {
+                    let span = value.span();
+                    match value.into_inner() {
+                        DeValue::Table(table) => source_tables.extend(
+                            table
+                                .into_iter()
+                                .map(|(k, v)| (k.into_inner().into_owned(), v)),
+                        ),
+                        _ => p.at(Some(span), "sources", "must be tables: [sources.<id>]"),
+                    }
+                }
+                other => p.at(
+                    Some(key.span()),
+                    "TOML",
+                    format_args!(
+                        "unknown section `{other}`: expected gateway, budget, plan, auth or sources"
+                    ),
+                ),
+            }
+        }
+        let gateway = gateway.unwrap_or_else(|| {
+            Some(RawGateway {
+                listen: default_listen(),
+                admin_listen: default_admin_listen(),
+                audit_dir: None,
+                policies: None,
+            })
+        });
+        let budget = budget.unwrap_or(Some(Budget::default()));
+        let plan = plan.unwrap_or(Some(PlanMode::Locate));
+
+        let mut addresses = (None, None);
+        if let Some(g) = &gateway {
+            for (field, value, slot) in [
+                ("listen", &g.listen, &mut addresses.0),
+                ("admin_listen", &g.admin_listen, &mut addresses.1),
+            ] {
+                match value.parse::<SocketAddr>() {
+                    Ok(a) => *slot = Some(a),
+                    Err(_) => p.at(
+                        None,
+                        "[gateway]",
+                        format_args!("{field} `{value}` is not an address like 127.0.0.1:8080"),
+                    ),
+                }
+            }
+        }
+        if let Some(b) = &budget {
+            if b.default.is_zero() {
+                p.at(None, "[budget]", "default must be more than zero");
+            }
+            if b.default > b.max {
+                p.at(
+                    None,
+                    "[budget]",
+                    format_args!(
+                        "default ({}) is more than max ({})",
+                        humantime::format_duration(b.default),
+                        humantime::format_duration(b.max)
+                    ),
+                );
+            }
+            if b.reserve >= b.default {
+                p.at(
+                    None,
+                    "[budget]",
+                    "reserve must be less than default, or no upstream call has any time",
+                );
+            }
+        }
+
+        let auth = match auth_section {
+            None => {
+                p.at(
+                    None,
+                    "[auth]",
+                    "missing: tokens cannot be verified without keys",
+                );
+                None
+            }
+            Some(v) => {
+                let span = v.span();
+                section::<RawAuth>(&mut p, v, "[auth]").map(|a| {
+                    if a.keys.is_empty() {
+                        p.at(
+                            Some(span.clone()),
+                            "[auth]",
+                            "keys is empty: name at least one public key",
+                        );
+                    }
+                    let mut keys = Vec::new();
+                    for k in a.keys {
+                        let file = base.join(&k.public_key_file);
+                        match TrustedKey::from_pem_file(k.kid, &k.algorithm, &file) {
+                            Ok(key) => keys.push(key),
+                            Err(e) => p.at(Some(span.clone()), "[[auth.keys]]", e),
+                        }
+                    }
+                    AuthSettings {
+                        audience: a.audience,
+                        issuer: a.issuer,
+                        keys,
+                    }
+                })
+            }
+        };
+
+        let mut sources = Vec::new();
+        let declared = source_tables.len();
+        for (id, value) in source_tables {
+            let span = value.span();
+            let what = format!("[sources.{id}]");
+            let Some(s) = section::<RawSource>(&mut p, value, &what) else {
+                continue;
+            };
+            if s.ods.is_empty() || !s.ods.chars().all(|c| c.is_ascii_alphanumeric()) {
+                p.at(
+                    Some(span.clone()),
+                    &what,
+                    format_args!("ods `{}` is not an ODS code (letters and digits)", s.ods),
+                );
+            }
+            if s.name.trim().is_empty() {
+                p.at(Some(span.clone()), &what, "name is empty");
+            }
+            if s.max_concurrency == 0 {
+                p.at(
+                    Some(span.clone()),
+                    &what,
+                    "max_concurrency must be at least 1",
+                );
+            }
+            for problem in s.connector.validate() {
+                p.at(Some(span.clone()), &what, problem);
+            }
+            sources.push(SourceConfig {
+                id,
+                ods: OdsCode::new(s.ods),
+                name: s.name,
+                kind: s.kind,
+                max_concurrency: s.max_concurrency,
+                connector: s.connector,
+            });
+        }
+        // Checks across sources only make sense when every source was read.
+        let demographics = sources
+            .iter()
+            .filter(|s| s.kind == SourceKind::Demographics)
+            .count();
+        if sources.len() == declared && plan == Some(PlanMode::Locate) && demographics != 1 {
+            p.at(None, "[plan]", format_args!("mode locate needs exactly one source of kind demographics; found {demographics} (use mode = \"broadcast\" without one)"));
+        }
+        if sources.len() == declared && sources.iter().all(|s| s.kind == SourceKind::Demographics) {
+            p.at(None, "[sources]", "no clinical sources: add at least one gp-practice, trust, council or private-provider");
+        }
+
+        match (p.list.is_empty(), addresses, budget, plan, auth) {
+            (true, (Some(listen), Some(admin_listen)), Some(budget), Some(plan), Some(auth)) => {
+                let gateway = gateway.unwrap_or_else(|| {
+                    unreachable!("addresses parsed, so the gateway section was read")
+                });
+                Ok(Config {
+                    listen,
+                    admin_listen,
+                    budget,
+                    plan,
+                    auth,
+                    audit_dir: gateway.audit_dir.map(|d| base.join(d)),
+                    policies: gateway.policies.map(|d| base.join(d)),
+                    sources,
+                })
+            }
+            _ => Err(p.list),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+listen = "127.0.0.1:0"
+
+[budget]
+default = "1500ms"
+
+[auth]
+audience = "tributary"
+keys = [{ algorithm = "ES256", public_key_file = "../src/auth/demo-verifying-key.pem" }]
+
+[sources.pds]
+ods = "X26"
+name = "Personal Demographics Service"
+kind = "demographics"
+connector = { type = "fhir", base_url = "http://127.0.0.1:7000/fhir" }
+
+[sources.trust-rxl]
+ods = "RXL"
+name = "Blackpool Teaching Hospitals"
+kind = "trust"
+connector = { type = "hl7v2", address = "127.0.0.1:2575" }
+"#;
+
+    fn parse(text: &str) -> Result<Config, Vec<String>> {
+        Config::parse(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples")
+                .join("t.toml"),
+            text,
+        )
+    }
+
+    #[test]
+    fn a_good_file_loads_with_defaults_filled_in() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.budget.default, Duration::from_millis(1500));
+        assert_eq!(c.budget.max, Duration::from_secs(10));
+        assert_eq!(c.plan, PlanMode::Locate);
+        assert_eq!(c.sources.len(), 2);
+        assert_eq!(c.auth.keys.len(), 1);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_line() {
+        let bad = GOOD
+            .replace("default = \"1500ms\"", "default = \"soon\"")
+            .replace("kind = \"trust\"", "kind = \"hospital\"")
+            .replace(
+                "name = \"Personal Demographics Service\"",
+                "name = \"\"\ncolour = \"blue\"",
+            )
+            .replace("127.0.0.1:0", "localhost");
+        let errors = parse(&bad).unwrap_err();
+        let joined = errors.join("\n");
+        assert!(errors.len() >= 4, "{joined}");
+        assert!(
+            joined.contains("[budget]") && joined.contains("soon"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("[sources.trust-rxl]") && joined.contains("hospital"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("[sources.pds]") && joined.contains("colour"),
+            "{joined}"
+        );
+        assert!(joined.contains("listen `localhost`"), "{joined}");
+        assert!(errors.iter().all(|e| e.contains("t.toml:")), "{joined}");
+        let line_of = |needle: &str| bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        assert!(
+            joined.contains(&format!(
+                "t.toml:{}:8: [sources.trust-rxl]",
+                line_of("\"hospital\"")
+            )),
+            "points at the bad kind: {joined}"
+        );
+        assert!(
+            joined.contains(&format!("t.toml:{}:11: [budget]", line_of("\"soon\""))),
+            "points at the bad duration: {joined}"
+        );
+        assert!(
+            !joined.contains("demographics;"),
+            "no follow-on errors from sources that could not be read: {joined}"
+        );
+    }
+
+    #[test]
+    fn locate_needs_one_demographics_source_and_budgets_must_make_sense() {
+        let bad = GOOD
+            .replace("kind = \"demographics\"", "kind = \"council\"")
+            .replace("default = \"1500ms\"", "default = \"20s\"");
+        let joined = parse(&bad).unwrap_err().join("\n");
+        assert!(
+            joined.contains("exactly one source of kind demographics"),
+            "{joined}"
+        );
+        assert!(joined.contains("more than max"), "{joined}");
+    }
+
+    #[test]
+    fn syntax_errors_and_missing_keys_name_the_place() {
+        let joined = parse("[gateway\nlisten=1").unwrap_err().join("\n");
+        assert!(joined.contains("t.toml:1:"), "{joined}");
+        let missing = GOOD.replace("../src/auth/demo-verifying-key.pem", "nope.pem");
+        assert!(
+            parse(&missing)
+                .unwrap_err()
+                .join("\n")
+                .contains("cannot read")
+        );
+    }
+}

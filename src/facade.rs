@@ -1,0 +1,833 @@
+//! The FHIR R4 REST facade: HTTP in, [`FederatedQuery`] to the gateway, FHIR JSON out.
+//!
+//! Every error leaves as an OperationOutcome with the right status, from one place
+//! ([`ApiError`]). Request logs carry the matched route, never the URI: URIs hold NHS numbers.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{MatchedPath, Path, RawQuery, Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use connectors::{NhsNumber, NhsNumberError, ResourceType, nhs::NHS_NUMBER_SYSTEM};
+use rand::RngCore;
+use serde_json::Value;
+use tokio::time::Instant;
+use tracing::{Instrument, error, info, info_span};
+
+use crate::{
+    auth::{AuthError, Verifier},
+    fhir::{FHIR_JSON, Issue, capability_statement, operation_outcome, searchset},
+    gateway::{Answer, FederatedQuery, Gateway, QueryError},
+    outcome::{Outcome, SourceOutcome},
+    principal::Principal,
+};
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const BREAK_GLASS: &str = "x-break-glass";
+const RELATIONSHIP: &str = "x-legitimate-relationship";
+/// Longest accepted break-glass or relationship reason, in bytes.
+const MAX_REASON: usize = 1024;
+
+/// State shared by the facade's handlers.
+#[derive(Debug, Clone)]
+pub struct Facade {
+    pub gateway: Arc<Gateway>,
+    pub verifier: Arc<Verifier>,
+    /// The public base URL, e.g. `http://127.0.0.1:8080/fhir` (never taken from `Host`).
+    pub base_url: Arc<str>,
+}
+
+/// The facade's router.
+pub fn router(facade: Facade) -> Router {
+    Router::new()
+        .route("/fhir/metadata", get(metadata))
+        .route("/fhir/Patient", get(patient_search))
+        .route("/fhir/Patient/{id}", get(patient_read))
+        .route("/fhir/Patient/{id}/$everything", get(everything))
+        .route("/fhir/{type}", get(type_search).post(type_search_post))
+        .route(
+            "/fhir/{type}/_search",
+            axum::routing::post(type_search_post),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(facade)
+        .layer(middleware::from_fn(envelope))
+}
+
+/// An error the facade answers with: a status and an OperationOutcome.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    issues: Vec<Issue>,
+    www_authenticate: bool,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, text: impl Into<String>) -> Self {
+        Self {
+            status,
+            issues: vec![Issue::new("error", code, text)],
+            www_authenticate: false,
+        }
+    }
+
+    fn bad_request(text: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid", text)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            issues: vec![Issue::new("error", "login", e.to_string())],
+            www_authenticate: true,
+        }
+    }
+}
+
+impl From<NhsNumberError> for ApiError {
+    fn from(e: NhsNumberError) -> Self {
+        Self::bad_request(format!("invalid NHS number: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = fhir_response(self.status, &operation_outcome(&self.issues));
+        if self.www_authenticate {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tributary\", error=\"invalid_token\""),
+            );
+        }
+        response
+    }
+}
+
+fn fhir_response(status: StatusCode, body: &Value) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = (status, bytes).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Outermost layer: request id, content negotiation, a span and one log line per request.
+async fn envelope(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        .map_or_else(new_request_id, str::to_owned);
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let method = request.method().clone();
+    let span = info_span!("request", request_id = %request_id, method = %method, route = %route);
+
+    let mut response = match negotiate(request.headers(), request.uri().query()) {
+        Err(e) => e.into_response(),
+        Ok(()) => {
+            let mut request = request;
+            request
+                .extensions_mut()
+                .insert(RequestId(request_id.clone()));
+            next.run(request).instrument(span.clone()).await
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    let status = response.status().as_u16();
+    span.in_scope(|| {
+        info!(
+            status,
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            "Request completed."
+        )
+    });
+    response
+}
+
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, Clone)]
+struct RequestId(String);
+
+/// 406 unless the caller accepts FHIR JSON (by `Accept` or `_format`).
+fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
+    const JSON_TYPES: [&str; 5] = [
+        "application/fhir+json",
+        "application/json",
+        "application/json+fhir",
+        "json",
+        "*/*",
+    ];
+    if let Some(format) = query.and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "_format")
+            .map(|(_, v)| v.into_owned())
+    }) {
+        return if JSON_TYPES.contains(&format.as_str()) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::NOT_ACCEPTABLE,
+                "not-supported",
+                "only JSON is served: use _format=json or application/fhir+json",
+            ))
+        };
+    }
+    let accepts = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>();
+    if accepts.is_empty() {
+        return Ok(());
+    }
+    let ok = accepts.iter().flat_map(|v| v.split(',')).any(|range| {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let refused = parts.any(|p| p.trim().replace(' ', "") == "q=0");
+        !refused && (JSON_TYPES.contains(&media.as_str()) || media == "application/*")
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-supported",
+            "only application/fhir+json is served",
+        ))
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not-supported",
+        "no such endpoint: see GET /fhir/metadata",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "not-supported",
+        "this endpoint is read-only: use GET",
+    )
+}
+
+async fn metadata(State(f): State<Facade>) -> Response {
+    fhir_response(StatusCode::OK, &capability_statement(&f.base_url))
+}
+
+/// What the caller asked for beyond the resource: its preferences and headers.
+struct Asked {
+    principal: Principal,
+    deadline: Instant,
+    strict: bool,
+    break_glass: Option<String>,
+    relationship_claim: Option<String>,
+}
+
+impl Facade {
+    /// Authenticates and reads the caller's preferences; the first thing every data route does.
+    fn asked(&self, headers: &HeaderMap) -> Result<Asked, ApiError> {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().map_err(|_| AuthError::Malformed))
+            .transpose()?;
+        let principal = self.verifier.verify_header(authorization)?;
+        let prefer = Prefer::parse(headers)?;
+        let budget = &self.gateway.budget;
+        let wait = prefer.wait.map_or(budget.default, |w| w.min(budget.max));
+        Ok(Asked {
+            principal,
+            deadline: Instant::now() + wait,
+            strict: prefer.strict,
+            break_glass: reason(headers, BREAK_GLASS)?,
+            relationship_claim: reason(headers, RELATIONSHIP)?,
+        })
+    }
+}
+
+/// A stated reason header: absent is fine, present must say something.
+fn reason(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request(format!("{name} must be plain text")))?
+        .trim();
+    if text.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{name} needs a stated reason; it was empty"
+        )));
+    }
+    if text.len() > MAX_REASON {
+        return Err(ApiError::bad_request(format!(
+            "{name} is longer than {MAX_REASON} bytes"
+        )));
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// RFC 7240 preferences the facade honours.
+#[derive(Debug, Default, PartialEq)]
+struct Prefer {
+    wait: Option<Duration>,
+    strict: bool,
+}
+
+impl Prefer {
+    fn parse(headers: &HeaderMap) -> Result<Self, ApiError> {
+        let mut prefer = Self::default();
+        for value in headers.get_all("prefer") {
+            let value = value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("Prefer must be plain text"))?;
+            for token in value.split(',') {
+                let pref = token.split(';').next().unwrap_or_default().trim();
+                let (name, val) = pref
+                    .split_once('=')
+                    .map_or((pref, ""), |(n, v)| (n.trim(), v.trim().trim_matches('"')));
+                match name.to_ascii_lowercase().as_str() {
+                    "wait" => {
+                        let secs: u64 = val.parse().map_err(|_| {
+                            ApiError::bad_request("Prefer: wait takes a whole number of seconds")
+                        })?;
+                        prefer.wait = Some(Duration::from_secs(secs));
+                    }
+                    "handling" => prefer.strict = val.eq_ignore_ascii_case("strict"),
+                    _ => {}
+                }
+            }
+        }
+        Ok(prefer)
+    }
+}
+
+/// Query parameters, with the ones a route understands taken out and the rest left over.
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn parse(query: Option<&str>) -> Self {
+        Self(
+            url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect(),
+        )
+    }
+
+    /// Takes a parameter's single value; repeating it is a 400.
+    fn take(&mut self, name: &str) -> Result<Option<String>, ApiError> {
+        let values: Vec<String> = self
+            .0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect();
+        self.0.retain(|(k, _)| k != name);
+        match values.len() {
+            0 => Ok(None),
+            1 => Ok(values.into_iter().next()),
+            _ => Err(ApiError::bad_request(format!(
+                "parameter {name} is given more than once"
+            ))),
+        }
+    }
+
+    /// Unsupported parameters: a 400 under `Prefer: handling=strict`, otherwise warnings
+    /// (FHIR's lenient default).
+    fn leftovers(mut self, strict: bool) -> Result<Vec<Issue>, ApiError> {
+        self.0.retain(|(k, _)| k != "_format");
+        let names: Vec<String> = self
+            .0
+            .into_iter()
+            .map(|(k, _)| printable_name(&k))
+            .collect();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        if strict {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                format!("unsupported search parameters: {}", names.join(", ")),
+            ));
+        }
+        Ok(names
+            .into_iter()
+            .map(|n| {
+                Issue::new(
+                    "warning",
+                    "not-supported",
+                    format!("search parameter {n} is not supported and was ignored"),
+                )
+            })
+            .collect())
+    }
+}
+
+/// A parameter name fit to echo back (names are the caller's, so keep them tame).
+fn printable_name(name: &str) -> String {
+    if !name.is_empty()
+        && name.len() <= 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_:.-".contains(&b))
+    {
+        format!("`{name}`")
+    } else {
+        "(unprintable name)".to_owned()
+    }
+}
+
+/// `Patient/NNN`, or the bare number.
+fn patient_reference(value: &str) -> Result<NhsNumber, ApiError> {
+    let id = value.strip_prefix("Patient/").unwrap_or(value);
+    Ok(NhsNumber::parse(id)?)
+}
+
+/// `https://fhir.nhs.uk/Id/nhs-number|NNN`, `|NNN` or `NNN`.
+fn nhs_token(value: &str) -> Result<NhsNumber, ApiError> {
+    let (system, number) = value.rsplit_once('|').unwrap_or(("", value));
+    if !system.is_empty() && system != NHS_NUMBER_SYSTEM {
+        return Err(ApiError::bad_request(format!(
+            "only NHS number identifiers ({NHS_NUMBER_SYSTEM}) are searchable"
+        )));
+    }
+    Ok(NhsNumber::parse(number)?)
+}
+
+async fn patient_search(
+    State(f): State<Facade>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    req: axum::Extension<RequestId>,
+) -> Result<Response, ApiError> {
+    let asked = f.asked(&headers)?;
+    let mut params = Params::parse(q.as_deref());
+    let nhs = match (params.take("identifier")?, params.take("_id")?) {
+        (Some(token), None) => nhs_token(&token)?,
+        (None, Some(id)) => NhsNumber::parse(&id)?,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "search Patient by exactly one of identifier={NHS_NUMBER_SYSTEM}|{{nhs-number}} or _id={{nhs-number}}"
+            )));
+        }
+    };
+    let warnings = params.leftovers(asked.strict)?;
+    let answer = f
+        .run(
+            &asked,
+            nhs,
+            vec![ResourceType::Patient],
+            &req.0.0,
+            "Patient.search",
+        )
+        .await?;
+    let self_url = format!(
+        "{}/Patient?identifier={NHS_NUMBER_SYSTEM}|{}",
+        f.base_url, "{nhs-number}"
+    );
+    match answer {
+        Answer::Unknown => Ok(fhir_response(
+            StatusCode::OK,
+            &searchset(
+                &req.0.0,
+                &f.base_url,
+                &self_url,
+                Vec::new(),
+                &[Issue::new(
+                    "information",
+                    "not-found",
+                    "no source knows a patient with this NHS number",
+                )],
+            ),
+        )),
+        other => f.bundle(other, &req.0.0, &self_url, warnings),
+    }
+}
+
+async fn patient_read(
+    State(f): State<Facade>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    req: axum::Extension<RequestId>,
+) -> Result<Response, ApiError> {
+    let asked = f.asked(&headers)?;
+    let nhs = NhsNumber::parse(&id)?;
+    match f
+        .run(
+            &asked,
+            nhs,
+            vec![ResourceType::Patient],
+            &req.0.0,
+            "Patient.read",
+        )
+        .await?
+    {
+        Answer::Record { released, .. } => match released.into_iter().next() {
+            Some(patient) => Ok(fhir_response(StatusCode::OK, &patient.resource)),
+            None => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this patient's record is not available to you under sharing policy",
+            )),
+        },
+        Answer::Unknown => Err(unknown_patient()),
+        Answer::Unavailable { outcomes } => Err(unavailable(&outcomes)),
+    }
+}
+
+async fn everything(
+    State(f): State<Facade>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+    req: axum::Extension<RequestId>,
+) -> Result<Response, ApiError> {
+    let asked = f.asked(&headers)?;
+    let nhs = NhsNumber::parse(&id)?;
+    let mut params = Params::parse(q.as_deref());
+    let types = match params.take("_type")? {
+        None => ResourceType::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|t| {
+                ResourceType::parse(t.trim()).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "_type: {} is not a type this server holds",
+                        printable_name(t.trim())
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let warnings = params.leftovers(asked.strict)?;
+    let self_url = format!("{}/Patient/{{nhs-number}}/$everything", f.base_url);
+    match f
+        .run(&asked, nhs, types, &req.0.0, "Patient.$everything")
+        .await?
+    {
+        Answer::Unknown => Err(unknown_patient()),
+        other => f.bundle(other, &req.0.0, &self_url, warnings),
+    }
+}
+
+async fn type_search(
+    State(f): State<Facade>,
+    headers: HeaderMap,
+    Path(ty): Path<String>,
+    RawQuery(q): RawQuery,
+    req: axum::Extension<RequestId>,
+) -> Result<Response, ApiError> {
+    search_type(f, headers, ty, Params::parse(q.as_deref()), req.0).await
+}
+
+/// FHIR search by POST: `application/x-www-form-urlencoded` parameters in the body.
+async fn type_search_post(
+    State(f): State<Facade>,
+    headers: HeaderMap,
+    Path(ty): Path<String>,
+    req: axum::Extension<RequestId>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            "search by POST takes application/x-www-form-urlencoded parameters",
+        ));
+    }
+    let body = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("the form body is not UTF-8"))?;
+    search_type(f, headers, ty, Params::parse(Some(body)), req.0).await
+}
+
+async fn search_type(
+    f: Facade,
+    headers: HeaderMap,
+    ty: String,
+    mut params: Params,
+    req: RequestId,
+) -> Result<Response, ApiError> {
+    let Some(resource_type) = ResourceType::parse(&ty) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            format!(
+                "resource type {} is not served: see GET /fhir/metadata",
+                printable_name(&ty)
+            ),
+        ));
+    };
+    if resource_type == ResourceType::Patient {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            "search Patient with GET /fhir/Patient?identifier=...",
+        ));
+    }
+    let asked = f.asked(&headers)?;
+    let nhs = match (params.take("patient")?, params.take("patient:identifier")?) {
+        (Some(reference), None) => patient_reference(&reference)?,
+        (None, Some(token)) => nhs_token(&token)?,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "search {ty} with exactly one of patient={{nhs-number}} or patient:identifier={NHS_NUMBER_SYSTEM}|{{nhs-number}}"
+            )));
+        }
+    };
+    let warnings = params.leftovers(asked.strict)?;
+    let self_url = format!("{}/{ty}?patient={{nhs-number}}", f.base_url);
+    match f
+        .run(&asked, nhs, vec![resource_type], &req.0, "search-type")
+        .await?
+    {
+        Answer::Unknown => Err(unknown_patient()),
+        other => f.bundle(other, &req.0, &self_url, warnings),
+    }
+}
+
+fn unknown_patient() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no source knows a patient with this NHS number",
+    )
+}
+
+/// Nobody who answered knows the patient, and some did not answer: a gateway failure, named.
+fn unavailable(outcomes: &[SourceOutcome]) -> ApiError {
+    let timed_out = outcomes
+        .iter()
+        .any(|o| matches!(o.outcome, Outcome::TimedOut));
+    let mut issues = vec![Issue::new(
+        "error",
+        if timed_out { "timeout" } else { "transient" },
+        "the patient was not found at the sources that answered, and some sources did not answer: try again",
+    )];
+    issues.extend(source_issues(outcomes));
+    ApiError {
+        status: if timed_out {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        },
+        issues,
+        www_authenticate: false,
+    }
+}
+
+/// One issue per source that did not answer in full, naming it by ODS code.
+fn source_issues(outcomes: &[SourceOutcome]) -> Vec<Issue> {
+    outcomes
+        .iter()
+        .filter_map(|o| {
+            o.outcome.shortfall().map(|why| {
+                let code = if matches!(o.outcome, Outcome::TimedOut) {
+                    "timeout"
+                } else {
+                    "incomplete"
+                };
+                Issue::new(
+                    "warning",
+                    code,
+                    format!(
+                        "{} {} ({}): {why}",
+                        o.source.ods,
+                        o.source.name,
+                        o.source.kind.as_str()
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+impl Facade {
+    async fn run(
+        &self,
+        asked: &Asked,
+        nhs: NhsNumber,
+        types: Vec<ResourceType>,
+        request_id: &str,
+        action: &str,
+    ) -> Result<Answer, ApiError> {
+        let query = FederatedQuery {
+            nhs_number: nhs,
+            types,
+            deadline: asked.deadline,
+            principal: &asked.principal,
+            break_glass: asked.break_glass.as_deref(),
+            relationship_claim: asked.relationship_claim.as_deref(),
+            request_id,
+            action,
+        };
+        self.gateway.query(&query).await.map_err(|e| match e {
+            QueryError::Audit(e) => {
+                error!(error = %e, "Audit write failed; releasing nothing.");
+                let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "transient", "the audit trail cannot be written, so nothing can be released: try again later");
+                err.issues[0].severity = "fatal";
+                err
+            }
+        })
+    }
+
+    fn bundle(
+        &self,
+        answer: Answer,
+        request_id: &str,
+        self_url: &str,
+        warnings: Vec<Issue>,
+    ) -> Result<Response, ApiError> {
+        let (released, outcomes, withheld_any) = match answer {
+            Answer::Record {
+                released,
+                outcomes,
+                withheld_any,
+            } => (released, outcomes, withheld_any),
+            Answer::Unavailable { outcomes } => return Err(unavailable(&outcomes)),
+            Answer::Unknown => return Err(unknown_patient()),
+        };
+        let mut issues = source_issues(&outcomes);
+        if withheld_any {
+            issues.push(Issue::new(
+                "information",
+                "suppressed",
+                "some information was withheld under the sharing policy",
+            ));
+        }
+        issues.extend(warnings);
+        if issues.is_empty() {
+            issues.push(Issue::new(
+                "information",
+                "informational",
+                format!("all {} sources asked answered in full", outcomes.len()),
+            ));
+        }
+        let matches = released.into_iter().map(|c| c.resource).collect();
+        Ok(fhir_response(
+            StatusCode::OK,
+            &searchset(request_id, &self.base_url, self_url, matches, &issues),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn prefer_wait_and_handling_are_read_from_any_prefer_header() {
+        let p = Prefer::parse(&headers(&[
+            ("prefer", "return=minimal, wait=3"),
+            ("prefer", "handling=strict"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p,
+            Prefer {
+                wait: Some(Duration::from_secs(3)),
+                strict: true
+            }
+        );
+        assert!(Prefer::parse(&headers(&[("prefer", "wait=soon")])).is_err());
+        assert_eq!(Prefer::parse(&HeaderMap::new()).unwrap(), Prefer::default());
+    }
+
+    #[test]
+    fn negotiation_accepts_json_and_refuses_xml() {
+        assert!(negotiate(&HeaderMap::new(), None).is_ok());
+        assert!(negotiate(&headers(&[("accept", "application/fhir+json")]), None).is_ok());
+        assert!(negotiate(&headers(&[("accept", "text/html, */*;q=0.8")]), None).is_ok());
+        assert!(negotiate(&headers(&[("accept", "application/fhir+xml")]), None).is_err());
+        assert!(negotiate(&headers(&[("accept", "application/json;q=0")]), None).is_err());
+        assert!(negotiate(&HeaderMap::new(), Some("_format=xml")).is_err());
+        assert!(
+            negotiate(
+                &headers(&[("accept", "application/xml")]),
+                Some("_format=json")
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn reasons_must_be_stated() {
+        assert_eq!(
+            reason(
+                &headers(&[("x-break-glass", "cardiac arrest in ED")]),
+                BREAK_GLASS
+            )
+            .unwrap()
+            .as_deref(),
+            Some("cardiac arrest in ED")
+        );
+        assert!(reason(&headers(&[("x-break-glass", "   ")]), BREAK_GLASS).is_err());
+        assert!(reason(&HeaderMap::new(), BREAK_GLASS).unwrap().is_none());
+    }
+
+    #[test]
+    fn nhs_tokens_and_references_parse_and_refuse_other_systems() {
+        assert!(nhs_token("https://fhir.nhs.uk/Id/nhs-number|9434765919").is_ok());
+        assert!(nhs_token("9434765919").is_ok());
+        assert!(nhs_token("http://example.org/mrn|9434765919").is_err());
+        assert!(nhs_token("https://fhir.nhs.uk/Id/nhs-number|9434765918").is_err());
+        assert!(patient_reference("Patient/9434765919").is_ok());
+    }
+
+    #[test]
+    fn leftover_parameters_warn_when_lenient_and_refuse_when_strict() {
+        let lenient = Params::parse(Some("patient=1&_count=5&_format=json")).leftovers(false);
+        assert!(lenient.is_ok());
+        let mut p = Params::parse(Some("patient=1&_count=5"));
+        p.take("patient").unwrap();
+        assert_eq!(p.leftovers(false).unwrap().len(), 1);
+        let mut p = Params::parse(Some("patient=1&_count=5"));
+        p.take("patient").unwrap();
+        assert!(p.leftovers(true).is_err());
+        assert!(
+            Params::parse(Some("patient=1&patient=2"))
+                .take("patient")
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,170 @@
+//! The FHIR R4 documents the facade writes: searchset Bundles, OperationOutcomes and the
+//! CapabilityStatement.
+
+use serde_json::{Value, json};
+
+use connectors::{ResourceType, nhs::NHS_NUMBER_SYSTEM};
+
+/// The media type of every response body.
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// One issue of an OperationOutcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// `fatal | error | warning | information`.
+    pub severity: &'static str,
+    /// FHIR issue-type code, e.g. `invalid`, `login`, `not-found`, `incomplete`, `suppressed`.
+    pub code: &'static str,
+    /// Shown to the user; never carries patient data.
+    pub text: String,
+}
+
+impl Issue {
+    pub fn new(severity: &'static str, code: &'static str, text: impl Into<String>) -> Self {
+        Self {
+            severity,
+            code,
+            text: text.into(),
+        }
+    }
+}
+
+pub fn operation_outcome(issues: &[Issue]) -> Value {
+    json!({
+        "resourceType": "OperationOutcome",
+        "issue": issues.iter().map(|i| json!({
+            "severity": i.severity,
+            "code": i.code,
+            "details": {"text": i.text},
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A searchset Bundle: the matches, then the OperationOutcome entry.
+pub fn searchset(
+    id: &str,
+    base: &str,
+    self_url: &str,
+    matches: Vec<Value>,
+    outcome: &[Issue],
+) -> Value {
+    let total = matches.len();
+    let mut entries: Vec<Value> = matches
+        .into_iter()
+        .map(|resource| {
+            let full_url = format!(
+                "{base}/{}/{}",
+                resource["resourceType"].as_str().unwrap_or("Resource"),
+                resource["id"].as_str().unwrap_or_default()
+            );
+            json!({"fullUrl": full_url, "resource": resource, "search": {"mode": "match"}})
+        })
+        .collect();
+    entries.push(json!({
+        "fullUrl": format!("urn:uuid:{}", outcome_uuid(id)),
+        "resource": operation_outcome(outcome),
+        "search": {"mode": "outcome"},
+    }));
+    json!({
+        "resourceType": "Bundle",
+        "id": id,
+        "meta": {"lastUpdated": now_rfc3339()},
+        "type": "searchset",
+        "timestamp": now_rfc3339(),
+        "total": total,
+        "link": [{"relation": "self", "url": self_url}],
+        "entry": entries,
+    })
+}
+
+/// A UUID-shaped urn for the outcome entry, derived from the request id (unique per request).
+fn outcome_uuid(request_id: &str) -> String {
+    let hex: String = request_id
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .chain(std::iter::repeat('0'))
+        .take(32)
+        .collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+}
+
+/// What this server can do, for `GET /fhir/metadata`.
+pub fn capability_statement(base: &str) -> Value {
+    let patient_param = json!({"name": "patient", "type": "reference", "documentation": "The patient's NHS number (Patient/{nhs-number} or the bare number)."});
+    let resources: Vec<Value> = ResourceType::ALL
+        .iter()
+        .map(|t| {
+            if *t == ResourceType::Patient {
+                json!({
+                    "type": "Patient",
+                    "interaction": [{"code": "read"}, {"code": "search-type"}],
+                    "searchParam": [{"name": "identifier", "type": "token", "documentation": format!("{NHS_NUMBER_SYSTEM}|{{nhs-number}}")}],
+                    "operation": [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}],
+                })
+            } else {
+                json!({"type": t.as_str(), "interaction": [{"code": "search-type"}], "searchParam": [patient_param]})
+            }
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": now_rfc3339(),
+        "publisher": "Tributary",
+        "kind": "instance",
+        "software": {"name": "Tributary", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "Tributary federated shared care record gateway", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "A federated record: every answer is assembled at request time from the organisations that hold the data, under sharing policy, within a time budget (Prefer: wait=N).",
+            "security": {
+                "cors": false,
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "OAuth"}]}],
+                "description": "Bearer JWT (ES256 or RS256) with claims sub, role (national RBAC role code), org (ODS code) and purpose.",
+            },
+            "resource": resources,
+        }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn searchset_counts_matches_only_and_ends_with_the_outcome() {
+        let b = searchset(
+            "abc123",
+            "http://h/fhir",
+            "http://h/fhir/X",
+            vec![json!({"resourceType": "Condition", "id": "RXL.1"})],
+            &[Issue::new("information", "informational", "ok")],
+        );
+        assert_eq!(b["total"], 1);
+        assert_eq!(b["entry"][0]["fullUrl"], "http://h/fhir/Condition/RXL.1");
+        assert_eq!(b["entry"][1]["search"]["mode"], "outcome");
+        assert_eq!(
+            b["entry"][1]["resource"]["resourceType"],
+            "OperationOutcome"
+        );
+        assert_eq!(
+            b["entry"][1]["fullUrl"].as_str().map(str::len),
+            Some("urn:uuid:".len() + 36)
+        );
+    }
+}

@@ -1,0 +1,219 @@
+//! One federated query, end to end: plan -> fan-out -> merge -> policy -> audit.
+//!
+//! The facade turns HTTP into a [`FederatedQuery`] and an [`Answer`] back into FHIR; nothing
+//! here knows HTTP or any upstream protocol.
+
+use std::{sync::Arc, time::SystemTime};
+
+use connectors::{NhsNumber, ResourceType, SourceKind, SourceQuery};
+use tokio::time::Instant;
+use tracing::{Instrument, info_span, warn};
+
+use crate::{
+    audit::{AuditLog, AuditRecord, AuditSource},
+    config::Budget,
+    fanout::{Source, fan_out, upstream_deadline},
+    fhir::now_rfc3339,
+    merge::merge,
+    outcome::{Outcome, SourceOutcome},
+    plan::{Located, PlanMode, clinical_sources},
+    policy::{Candidate, PolicyEngine, PolicyRequest},
+    principal::Principal,
+    upstreams::UpstreamStats,
+};
+
+/// How much of the upstream budget the demographics lookup may use before the plan gives up
+/// on it and broadcasts with what remains.
+const LOCATE_SHARE: (u32, u32) = (2, 5);
+
+/// Everything a request needs, shared by all requests.
+#[derive(Debug)]
+pub struct Gateway {
+    pub sources: Vec<Source>,
+    pub plan: PlanMode,
+    pub budget: Budget,
+    pub policy: Arc<PolicyEngine>,
+    pub audit: AuditLog,
+    pub upstreams: UpstreamStats,
+}
+
+/// One patient query, as the facade parsed it.
+#[derive(Debug)]
+pub struct FederatedQuery<'a> {
+    pub nhs_number: NhsNumber,
+    /// The types the caller wants back (Patient is always fetched, to check identity).
+    pub types: Vec<ResourceType>,
+    pub deadline: Instant,
+    pub principal: &'a Principal,
+    pub break_glass: Option<&'a str>,
+    pub relationship_claim: Option<&'a str>,
+    pub request_id: &'a str,
+    /// The route, for the audit record (`Patient.read`, `Patient.$everything`, ...).
+    pub action: &'a str,
+}
+
+/// What a query produced.
+#[derive(Debug)]
+pub enum Answer {
+    /// The patient is known: released resources and every asked source's outcome.
+    Record {
+        released: Vec<Candidate>,
+        outcomes: Vec<SourceOutcome>,
+        withheld_any: bool,
+    },
+    /// Every source asked answered, and none knows the patient.
+    Unknown,
+    /// No source that answered knows the patient, and some did not answer: cannot tell.
+    Unavailable { outcomes: Vec<SourceOutcome> },
+}
+
+/// Why a query could not be answered at all.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+impl Gateway {
+    pub async fn query(&self, q: &FederatedQuery<'_>) -> Result<Answer, QueryError> {
+        let upstream = upstream_deadline(q.deadline, self.budget.reserve);
+        let source_query = SourceQuery::new(
+            q.nhs_number,
+            q.types.iter().copied().chain([ResourceType::Patient]),
+        );
+
+        let (demographics_outcome, located) = self
+            .locate(q.nhs_number, upstream)
+            .instrument(info_span!("plan"))
+            .await;
+        if located == Located::Unknown {
+            self.audit(q, demographics_outcome.as_slice(), 0, false)
+                .await?;
+            return Ok(Answer::Unknown);
+        }
+
+        let asked = clinical_sources(&self.sources, &located);
+        let asked: Vec<Source> = asked.into_iter().cloned().collect();
+        let mut outcomes = fan_out(&asked, &source_query, upstream)
+            .instrument(info_span!("fan_out", sources = asked.len()))
+            .await;
+        for o in &outcomes {
+            self.upstreams.record(o);
+            if !o.outcome.is_answered() {
+                warn!(source = %o.source.ods, kind = o.source.kind.as_str(), outcome = o.outcome.code(), "Source did not answer in full.");
+            }
+        }
+        outcomes.splice(0..0, demographics_outcome);
+
+        let answers: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| match &o.outcome {
+                Outcome::Answered(record) => Some((o.source.as_ref(), record)),
+                _ => None,
+            })
+            .collect();
+        let merged = info_span!("merge").in_scope(|| merge(&q.nhs_number, &answers));
+        if !merged.knows_patient() {
+            let all_answered = outcomes.iter().all(|o| o.outcome.is_answered());
+            self.audit(q, &outcomes, 0, false).await?;
+            return Ok(if all_answered {
+                Answer::Unknown
+            } else {
+                Answer::Unavailable { outcomes }
+            });
+        }
+
+        let decision = info_span!("policy").in_scope(|| {
+            let request = PolicyRequest {
+                principal: q.principal,
+                break_glass: q.break_glass,
+                relationship_claim: q.relationship_claim,
+                patient: &merged.facts,
+                now: SystemTime::now(),
+                request_id: q.request_id,
+            };
+            self.policy.evaluate(&request, merged.candidates)
+        });
+        let released: Vec<Candidate> = decision
+            .released
+            .into_iter()
+            .filter(|c| {
+                c.resource["resourceType"]
+                    .as_str()
+                    .and_then(ResourceType::parse)
+                    .is_some_and(|t| q.types.contains(&t))
+            })
+            .collect();
+        self.audit(q, &outcomes, released.len(), decision.withheld_any)
+            .instrument(info_span!("audit"))
+            .await?;
+        Ok(Answer::Record {
+            released,
+            outcomes,
+            withheld_any: decision.withheld_any,
+        })
+    }
+
+    /// Asks demographics (in locate mode) where the patient is registered.
+    async fn locate(&self, nhs: NhsNumber, upstream: Instant) -> (Option<SourceOutcome>, Located) {
+        let demographics = self
+            .sources
+            .iter()
+            .find(|s| s.descriptor.kind == SourceKind::Demographics);
+        let (PlanMode::Locate, Some(demographics)) = (self.plan, demographics) else {
+            return (None, Located::Unavailable);
+        };
+        let now = Instant::now();
+        let share = upstream.saturating_duration_since(now) * LOCATE_SHARE.0 / LOCATE_SHARE.1;
+        let outcome = demographics
+            .call(SourceQuery::new(nhs, [ResourceType::Patient]), now + share)
+            .await;
+        self.upstreams.record(&outcome);
+        let located = match &outcome.outcome {
+            Outcome::Answered(record) if !record.knows_patient() => Located::Unknown,
+            Outcome::Answered(record) => {
+                let merged = merge(&nhs, &[(outcome.source.as_ref(), record)]);
+                Located::Found {
+                    registered_gp: merged.facts.registered_gp,
+                    restricted: merged.facts.restricted,
+                }
+            }
+            other => {
+                warn!(source = %outcome.source.ods, outcome = other.code(), "Demographics did not answer; broadcasting.");
+                Located::Unavailable
+            }
+        };
+        (Some(outcome), located)
+    }
+
+    async fn audit(
+        &self,
+        q: &FederatedQuery<'_>,
+        outcomes: &[SourceOutcome],
+        released: usize,
+        withheld: bool,
+    ) -> Result<(), QueryError> {
+        let record = AuditRecord {
+            time: now_rfc3339(),
+            request_id: q.request_id,
+            sub: &q.principal.sub,
+            role: &q.principal.role,
+            org: q.principal.org.as_str(),
+            purpose: &q.principal.purpose,
+            patient: q.nhs_number.expose(),
+            action: q.action,
+            break_glass: q.break_glass,
+            relationship_claim: q.relationship_claim,
+            sources: outcomes
+                .iter()
+                .map(|o| AuditSource {
+                    ods: o.source.ods.as_str(),
+                    outcome: o.outcome.code(),
+                })
+                .collect(),
+            released,
+            withheld,
+        };
+        Ok(self.audit.write(&record).await?)
+    }
+}

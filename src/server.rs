@@ -1,0 +1,161 @@
+//! Running a gateway: build every source's stack, bind the facade and admin listeners, serve
+//! until told to stop, then drain.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tracing::info;
+
+use crate::{
+    admin::{self, Admin},
+    audit::AuditLog,
+    auth::Verifier,
+    config::{AuthSettings, Budget, SourceConfig},
+    facade::{self, Facade},
+    fanout::{Source, StackSettings},
+    gateway::Gateway,
+    plan::PlanMode,
+    policy::PolicyEngine,
+    upstreams::UpstreamStats,
+};
+
+/// What a running gateway is made of, whatever started it (`serve` or `demo`).
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub budget: Budget,
+    pub plan: PlanMode,
+    pub auth: AuthSettings,
+    pub audit_dir: PathBuf,
+    pub policy: Arc<PolicyEngine>,
+    pub sources: Vec<SourceConfig>,
+}
+
+/// A gateway serving on its listeners.
+#[derive(Debug)]
+pub struct Running {
+    pub base_url: String,
+    pub admin_url: String,
+    pub audit_path: PathBuf,
+    stop: watch::Sender<bool>,
+    ready: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Builds the gateway and starts serving; returns once both listeners are bound.
+pub async fn start(settings: Settings) -> Result<Running, String> {
+    let mut sources = Vec::with_capacity(settings.sources.len());
+    for s in &settings.sources {
+        let connector = s
+            .connector
+            .build(&s.id, s.ods.clone(), &s.name, s.kind)
+            .map_err(|e| format!("source {}: {e}", s.id))?;
+        sources.push(Source::new(
+            connector,
+            StackSettings {
+                max_concurrency: s.max_concurrency,
+            },
+        ));
+    }
+    let audit = AuditLog::open(&settings.audit_dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    let audit_path = audit.path().to_owned();
+    let gateway = Arc::new(Gateway {
+        upstreams: UpstreamStats::new(sources.iter().map(|s| s.descriptor.clone()).collect()),
+        sources,
+        plan: settings.plan,
+        budget: settings.budget,
+        policy: settings.policy,
+        audit,
+    });
+    let verifier = Arc::new(Verifier::new(
+        settings.auth.keys,
+        settings.auth.audience,
+        settings.auth.issuer,
+    ));
+
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let admin_listener = TcpListener::bind(settings.admin_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.admin_listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+    let base_url = format!("http://{addr}/fhir");
+
+    let (stop, stopped) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(true));
+    let facade = facade::router(Facade {
+        gateway: gateway.clone(),
+        verifier,
+        base_url: base_url.as_str().into(),
+    });
+    let admin = admin::router(Admin {
+        gateway,
+        ready: ready.clone(),
+    });
+    let tasks = vec![
+        serve(listener, facade, stopped.clone()),
+        serve(admin_listener, admin, stopped),
+    ];
+    info!(%addr, admin = %admin_addr, "Tributary is serving.");
+    Ok(Running {
+        base_url,
+        admin_url: format!("http://{admin_addr}"),
+        audit_path,
+        stop,
+        ready,
+        tasks,
+    })
+}
+
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stopped: watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+    })
+}
+
+impl Running {
+    /// Stops taking new connections, finishes requests in flight, and returns.
+    pub async fn shutdown(self) {
+        self.ready.store(false, Ordering::Release);
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
