@@ -57,7 +57,7 @@ pub fn map_message(msg: &Message<'_>) -> Vec<MappedPatient> {
                 };
                 let resource = match name {
                     "PV1" => {
-                        let r = encounter(&seg, msg, pid, fallback(seg.text(1)));
+                        let r = encounter(&seg, pid, fallback(seg.text(1)));
                         last_encounter = r["id"].as_str().map(str::to_owned);
                         Some(r)
                     }
@@ -387,12 +387,7 @@ fn clinician(seg: &Segment<'_, '_>, field: usize, rep: usize) -> Option<Value> {
     Some(Value::Object(who))
 }
 
-fn encounter(
-    seg: &Segment<'_, '_>,
-    msg: &Message<'_>,
-    patient_id: &str,
-    fallback: String,
-) -> Value {
+fn encounter(seg: &Segment<'_, '_>, patient_id: &str, fallback: String) -> Value {
     let id = id_or(seg, 19, fallback);
     let mut r = resource("Encounter", &id, "Encounter");
     let mut identifiers = Vec::new();
@@ -440,8 +435,7 @@ fn encounter(
     // PV1-3 PL: point of care^room^bed^facility...
     let place: Vec<String> = [1, 2, 3]
         .into_iter()
-        .filter_map(|c| non_empty(msg.unescape(seg.raw_component(3, 1, c))))
-        .map(|s| s.split('&').next().unwrap_or_default().to_owned())
+        .filter_map(|c| non_empty(seg.first_sub(3, 1, c)))
         .collect();
     if !place.is_empty() {
         r.insert(

@@ -161,23 +161,29 @@ fn latin9(bytes: &[u8]) -> String {
 /// `\r` text artefact at a line end (an unterminated escape, so never data) dropped.
 fn normalise(text: &str) -> Result<String, MessageError> {
     let mut out = String::with_capacity(text.len() + 1);
-    let mut field_sep = None;
+    let mut seps: Option<(char, char)> = None;
     for line in text.split(['\r', '\n']) {
         if line.trim().is_empty() {
             continue;
         }
-        match field_sep {
+        match seps {
             None => {
                 let fixed = repair_msh2(line)?;
-                out.push_str(strip_escaped_cr(&fixed));
-                field_sep = fixed.chars().nth(3);
+                let (Some(field), Some(esc)) = (fixed.chars().nth(3), fixed.chars().nth(6)) else {
+                    return Err(MessageError::NoHeader);
+                };
+                // MSH-1 and MSH-2 are 5 ASCII characters after "MSH".
+                let body = fixed.get(8..).unwrap_or_default();
+                let kept = strip_escaped_cr(body, esc).len();
+                out.push_str(&fixed[..8 + kept]);
+                seps = Some((field, esc));
             }
-            Some(sep) => {
-                let line = strip_escaped_cr(line);
+            Some((field, esc)) => {
+                let line = strip_escaped_cr(line, esc);
                 out.push_str(line);
                 // A segment with no fields at all (`PD1`) still needs its separator to parse.
                 if line.len() == 3 && line.chars().all(|c| c.is_ascii_alphanumeric()) {
-                    out.push(sep);
+                    out.push(field);
                 }
             }
         }
@@ -186,10 +192,21 @@ fn normalise(text: &str) -> Result<String, MessageError> {
     Ok(out)
 }
 
-fn strip_escaped_cr(line: &str) -> &str {
-    line.strip_suffix("\\r")
-        .or_else(|| line.strip_suffix("\\n"))
-        .unwrap_or(line)
+/// Drops a trailing two-character `\r` or `\n` text artefact, but only when its escape
+/// character opens an unterminated sequence (an odd count of escape characters), so that an
+/// encoded value such as `\E\r` (a backslash, then "r") is kept.
+fn strip_escaped_cr(line: &str, esc: char) -> &str {
+    let Some(stripped) = [format!("{esc}r"), format!("{esc}n")]
+        .iter()
+        .find_map(|tail| line.strip_suffix(tail.as_str()))
+    else {
+        return line;
+    };
+    if line.matches(esc).count() % 2 == 1 {
+        stripped
+    } else {
+        line
+    }
 }
 
 fn repair_msh2(msh: &str) -> Result<Cow<'_, str>, MessageError> {
@@ -197,6 +214,9 @@ fn repair_msh2(msh: &str) -> Result<Cow<'_, str>, MessageError> {
     let Some((_, field_sep)) = chars.next() else {
         return Err(MessageError::NoHeader);
     };
+    if !field_sep.is_ascii_punctuation() {
+        return Err(MessageError::BadEncodingCharacters);
+    }
     let rest = &msh[3 + field_sep.len_utf8()..];
     let msh2 = rest.split(field_sep).next().unwrap_or_default();
     let valid = |enc: &str| {
@@ -249,7 +269,7 @@ impl<'t> Message<'t> {
     /// MSH-9 as `TYPE^EVENT` (e.g. `RSP^K22`), the structure left off.
     pub fn message_type(&self) -> String {
         self.segment("MSH")
-            .map(|msh| format!("{}^{}", msh.get(9, 1, 1), msh.get(9, 2, 1)))
+            .map(|msh| format!("{}^{}", msh.get(9, 1, 1), msh.get(9, 1, 2)))
             .unwrap_or_default()
     }
 
