@@ -57,7 +57,7 @@ pub fn map_message(msg: &Message<'_>) -> Vec<MappedPatient> {
                 };
                 let resource = match name {
                     "PV1" => {
-                        let r = encounter(&seg, pid, fallback(seg.text(1)));
+                        let r = encounter(&seg, pid, fallback(seg.text(1).into_owned()));
                         last_encounter = r["id"].as_str().map(str::to_owned);
                         Some(r)
                     }
@@ -76,10 +76,10 @@ pub fn map_message(msg: &Message<'_>) -> Vec<MappedPatient> {
                         }
                         None
                     }
-                    "AL1" => Some(allergy(&seg, pid, fallback(seg.text(1)))),
-                    "DG1" => Some(condition(&seg, pid, fallback(seg.text(1)))),
-                    "PR1" => Some(procedure(&seg, pid, fallback(seg.text(1)))),
-                    "OBX" => Some(observation(&seg, pid, fallback(seg.text(1)))),
+                    "AL1" => Some(allergy(&seg, pid, fallback(seg.text(1).into_owned()))),
+                    "DG1" => Some(condition(&seg, pid, fallback(seg.text(1).into_owned()))),
+                    "PR1" => Some(procedure(&seg, pid, fallback(seg.text(1).into_owned()))),
+                    "OBX" => Some(observation(&seg, pid, fallback(seg.text(1).into_owned()))),
                     _ => None,
                 };
                 group.resources.extend(resource);
@@ -106,8 +106,8 @@ pub fn fhir_id(raw: &str) -> Option<String> {
     (!id.is_empty()).then_some(id)
 }
 
-fn non_empty(s: String) -> Option<String> {
-    let t = s.trim();
+fn non_empty(s: impl AsRef<str>) -> Option<String> {
+    let t = s.as_ref().trim();
     (!t.is_empty()).then(|| t.to_owned())
 }
 
@@ -253,7 +253,7 @@ fn patient(seg: &Segment<'_, '_>, ordinal: usize) -> (Value, Vec<String>, String
         .filter_map(|rep| {
             let number = non_empty(seg.get(13, rep, 1)).or_else(|| non_empty(seg.get(13, rep, 12)));
             number.map(|n| {
-                let use_ = match seg.get(13, rep, 2).as_str() {
+                let use_ = match seg.get(13, rep, 2).as_ref() {
                     "WPN" => "work",
                     "PRN" | "ORN" | "VHN" => "home",
                     _ => "home",

@@ -276,12 +276,12 @@ impl<'t> Message<'t> {
     /// MSH-10, the message control id.
     pub fn control_id(&self) -> String {
         self.segment("MSH")
-            .map(|msh| msh.get(10, 1, 1))
+            .map(|msh| msh.get(10, 1, 1).into_owned())
             .unwrap_or_default()
     }
 
     /// Decodes an escaped value of this message.
-    pub fn unescape(&self, raw: &str) -> String {
+    pub fn unescape<'a>(&self, raw: &'a str) -> Cow<'a, str> {
         unescape(raw, &self.separators, self.charset)
     }
 }
@@ -319,14 +319,14 @@ impl<'m, 't> Segment<'m, 't> {
 
     /// Component `component` of repetition `rep` of field `field`, decoded (all its
     /// sub-components, separators unescaped back to text).
-    pub fn get(&self, field: usize, rep: usize, component: usize) -> String {
+    pub fn get(&self, field: usize, rep: usize, component: usize) -> Cow<'t, str> {
         self.msg.unescape(self.raw_component(field, rep, component))
     }
 
     /// One sub-component, decoded.
-    pub fn sub(&self, field: usize, rep: usize, component: usize, sub: usize) -> String {
+    pub fn sub(&self, field: usize, rep: usize, component: usize, sub: usize) -> Cow<'t, str> {
         if sub == 0 {
-            return String::new();
+            return Cow::Borrowed("");
         }
         let raw = self
             .component_ref(field, rep, component)
@@ -337,7 +337,7 @@ impl<'m, 't> Segment<'m, 't> {
     }
 
     /// The first sub-component of a component, decoded (e.g. the namespace of CX.4).
-    pub fn first_sub(&self, field: usize, rep: usize, component: usize) -> String {
+    pub fn first_sub(&self, field: usize, rep: usize, component: usize) -> Cow<'t, str> {
         self.sub(field, rep, component, 1)
     }
 
@@ -361,16 +361,16 @@ impl<'m, 't> Segment<'m, 't> {
     }
 
     /// Decoded value of a whole field's first repetition, sub-structure kept raw-joined.
-    pub fn text(&self, field: usize) -> String {
+    pub fn text(&self, field: usize) -> Cow<'t, str> {
         self.get(field, 1, 1)
     }
 }
 
 /// Decodes HL7 escape sequences in one value.
-pub fn unescape(raw: &str, seps: &Separators, charset: Charset) -> String {
+pub fn unescape<'a>(raw: &'a str, seps: &Separators, charset: Charset) -> Cow<'a, str> {
     let esc = seps.escape;
     if !raw.contains(esc) {
-        return raw.to_owned();
+        return Cow::Borrowed(raw);
     }
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
@@ -380,7 +380,7 @@ pub fn unescape(raw: &str, seps: &Separators, charset: Charset) -> String {
         let Some(end) = after.find(esc) else {
             // Unterminated: keep the text as it came.
             out.push_str(&rest[start..]);
-            return out;
+            return Cow::Owned(out);
         };
         let seq = &after[..end];
         match seq {
@@ -398,7 +398,7 @@ pub fn unescape(raw: &str, seps: &Separators, charset: Charset) -> String {
         rest = &after[end + esc.len_utf8()..];
     }
     out.push_str(rest);
-    out
+    Cow::Owned(out)
 }
 
 fn hex_text(hex: &str, charset: Charset) -> String {

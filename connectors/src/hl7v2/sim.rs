@@ -96,7 +96,7 @@ fn read_query(msg: &Message<'_>) -> Asked {
     let msh = msg.segment("MSH");
     let qpd = msg.segment("QPD");
     let get = |s: Option<super::message::Segment<'_, '_>>, f: usize| {
-        s.map(|s| s.get(f, 1, 1)).unwrap_or_default()
+        s.map(|s| s.get(f, 1, 1).into_owned()).unwrap_or_default()
     };
     let mut nhs_value = None;
     let mut authority_ok = true;

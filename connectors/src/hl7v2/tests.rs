@@ -394,7 +394,7 @@ fn seen(frame: &[u8]) -> Seen {
     let msg = text.parse().unwrap();
     Seen {
         control_id: msg.control_id(),
-        tag: msg.segment("QPD").unwrap().get(2, 1, 1),
+        tag: msg.segment("QPD").unwrap().get(2, 1, 1).into_owned(),
     }
 }
 
@@ -722,6 +722,33 @@ async fn closed_and_refused_connections_are_classified() {
     drop(gone);
     let err = fetch_from(addr, |_| {}).await.0.unwrap_err();
     assert!(matches!(err, ConnectorError::Connect(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_connection_the_source_closed_while_idle_is_replaced() {
+    // This peer answers one query per connection, then hangs up.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut framed = Framed::new(stream, MllpCodec::new(1 << 20));
+                if let Some(Ok(f)) = framed.next().await {
+                    let s = seen(&f);
+                    let reply = rsp(&s, "AA", &s.control_id, "OK", &pid(&known().expose()));
+                    let _ = framed.send(reply.into_bytes()).await;
+                }
+            });
+        }
+    });
+    let connector = connector_for(addr, |_| {});
+    for _ in 0..3 {
+        let record = connector
+            .fetch(SourceQuery::everything(known()))
+            .await
+            .unwrap();
+        assert!(record.knows_patient());
+    }
 }
 
 #[tokio::test]
