@@ -232,8 +232,8 @@ fn repair_msh2(msh: &str) -> Result<Cow<'_, str>, MessageError> {
     }
     let candidate: String = if msh2.len() == 5 && msh2.contains("\\\\") {
         msh2.replacen("\\\\", "\\", 1)
-    } else if msh2.len() == 5 {
-        msh2[..4].to_owned()
+    } else if msh2.chars().count() == 5 {
+        msh2.chars().take(4).collect()
     } else {
         return Err(MessageError::BadEncodingCharacters);
     };
@@ -616,6 +616,9 @@ mod tests {
         let m = Text::decode(b"MSH|^~\\&#|APP\rPID|1").unwrap();
         assert_eq!(m.parse().unwrap().segment("MSH").unwrap().raw(3), "APP");
         assert!(Text::decode(b"MSH|^^^^|APP").is_err());
+        assert!(Text::decode("MSH|^~\\é|APP".as_bytes()).is_err());
+        assert!(Text::decode("MSH|^~é|APP".as_bytes()).is_err());
+        assert!(Text::decode("MSHé^~\\&éAPP".as_bytes()).is_err());
         assert!(Text::decode(b"MSH|^~|APP").is_err());
     }
 

@@ -1052,9 +1052,18 @@ proptest! {
         let query = SourceQuery::everything(known());
         let _ = super::interpret(&bytes, "X", "QX", &query);
         let _ = super::interpret(&prefixed, "X", "QX", &query);
+        let mut bare = b"MSH".to_vec();
+        bare.extend_from_slice(&bytes);
+        let _ = map_file(&bare);
         let mut codec = MllpCodec::new(256);
         let mut buf = BytesMut::from(&bytes[..]);
         while let Ok(Some(_)) = codec.decode(&mut buf) {}
+    }
+
+    #[test]
+    fn arbitrary_unicode_headers_never_panic(header in "MSH.{0,16}", rest in ".{0,40}") {
+        let text = format!("{header}\r{rest}\rPID|{rest}\n");
+        let _ = map_file(text.as_bytes());
     }
 
     #[test]
