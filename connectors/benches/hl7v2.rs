@@ -1,17 +1,22 @@
 //! Parse + map cost per HL7 v2 message: the simulator's RSP^K22 for a typical trust record,
 //! the same checked end to end as the connector does (`interpret`), and a real UK ADT^A01
-//! read from `../shared/testdata` at run time (GPL-3.0: never compiled in).
+//! read from `../shared/testdata` at run time (GPL-3.0: never compiled in), and a whole
+//! fetch over loopback against the simulator.
 #![allow(clippy::unwrap_used)]
 
-use std::hint::black_box;
+use std::{hint::black_box, sync::Arc};
 
 use connectors::{
-    OdsCode, SourceKind, SourceQuery,
-    hl7v2::{interpret, mapping::map_message, message::Builder, message::Text, sim},
+    Connector, ConnectorKind, OdsCode, SourceDescriptor, SourceKind, SourceQuery,
+    fault::FaultSwitch,
+    hl7v2::{
+        Hl7v2Config, Hl7v2Connector, interpret, mapping::map_message, message::Builder,
+        message::Text, sim,
+    },
     nhs::NhsNumber,
     synth::model::{
         Address, Code, Date, DateTime, Demographics, Detail, EncounterDetail, Gender, Item,
-        PatientRecord, Protocol, SourceSpec,
+        PatientRecord, Protocol, Records, SourceSpec,
     },
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -112,14 +117,27 @@ fn typical(nhs: NhsNumber) -> PatientRecord {
     }
 }
 
-fn reply(nhs: NhsNumber) -> Vec<u8> {
-    let spec = SourceSpec {
+fn spec() -> SourceSpec {
+    SourceSpec {
         id: "trust-raj".into(),
         ods: OdsCode::new(TRUST),
         name: "Bench Trust".into(),
         kind: SourceKind::Trust,
         protocol: Protocol::Hl7v2,
-    };
+    }
+}
+
+/// One patient's records.
+struct One(NhsNumber);
+
+impl Records for One {
+    fn record(&self, nhs_number: &NhsNumber) -> Option<PatientRecord> {
+        (*nhs_number == self.0).then(|| typical(self.0))
+    }
+}
+
+fn reply(nhs: NhsNumber) -> Vec<u8> {
+    let spec = spec();
     let mut b = Builder::new();
     b.segment(
         "MSH",
@@ -191,6 +209,32 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // The whole exchange over loopback against the simulator, connection reused: query
+    // build, MLLP write, simulator render, read, parse, checks and mapping.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connector = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        sim::serve(listener, Arc::new(One(nhs)), spec(), FaultSwitch::default());
+        let descriptor = SourceDescriptor {
+            id: "trust-raj".into(),
+            ods: OdsCode::new(TRUST),
+            name: "Bench Trust".into(),
+            kind: SourceKind::Trust,
+            connector: ConnectorKind::Hl7v2,
+            endpoint: addr.to_string(),
+        };
+        Hl7v2Connector::new(descriptor, Hl7v2Config::new(addr.to_string())).unwrap()
+    });
+    g.bench_function("fetch_over_loopback_reused_connection", |b| {
+        b.iter(|| {
+            rt.block_on(connector.fetch(SourceQuery::everything(nhs)))
+                .unwrap()
+        })
+    });
     g.finish();
     println!("rsp_k22 typical reply: {} bytes", rsp.len());
 }
