@@ -156,7 +156,12 @@ impl Inner {
         if let Some(conn) = self.take_idle() {
             match self.round_trip(conn, request.clone()).await {
                 Ok(done) => return Ok(done),
-                Err(RoundTripError { stale: true, .. }) => {}
+                Err(RoundTripError { stale: true, .. }) => {
+                    tracing::debug!(
+                        source = %self.descriptor.ods,
+                        "Idle connection was closed by the source; reconnecting."
+                    );
+                }
                 Err(e) => return Err(e.error),
             }
         }
@@ -400,12 +405,11 @@ fn check_and_map(
             ));
         }
     }
-    let msh_type = msg.message_type();
-    if msh_type != "RSP^K22" {
-        return Err(ConnectorError::Malformed(format!(
-            "expected an RSP^K22 reply, got {}",
-            safe_code(&msh_type)
-        )));
+    // The type itself is not repeated: every byte of a reply is the source's to fill.
+    if msg.message_type() != "RSP^K22" {
+        return Err(ConnectorError::Malformed(
+            "reply is not an RSP^K22 query response".into(),
+        ));
     }
     let Some(qak) = msg.segment("QAK") else {
         return Err(ConnectorError::Malformed("reply has no qak segment".into()));
@@ -462,12 +466,4 @@ fn check_and_map(
         })
         .collect();
     Ok(SourceRecord { resources })
-}
-
-/// A message type or code, cut to characters that cannot carry patient data.
-fn safe_code(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '^' || *c == '_')
-        .take(16)
-        .collect()
 }

@@ -27,8 +27,8 @@ pub enum MessageError {
     NoHeader,
     #[error("unsupported encoding characters in msh-2")]
     BadEncodingCharacters,
-    #[error("character set `{0}` in msh-18 is not supported")]
-    UnsupportedCharset(String),
+    #[error("character set in msh-18 is not supported")]
+    UnsupportedCharset,
     #[error("text is not valid utf-8 although msh-18 declares it")]
     InvalidUtf8,
     #[error("unreadable segment {segment} (message malformed or truncated)")]
@@ -125,13 +125,7 @@ fn declared_charset(bytes: &[u8]) -> Result<Option<Charset>, MessageError> {
         "ASCII" => Ok(None),
         "8859/1" | "ISO-8859-1" | "ISO_IR 100" => Ok(Some(Charset::Latin1)),
         "8859/15" | "ISO-8859-15" => Ok(Some(Charset::Latin9)),
-        other => Err(MessageError::UnsupportedCharset(
-            other
-                .chars()
-                .filter(|c| c.is_ascii_graphic() || *c == ' ')
-                .take(24)
-                .collect(),
-        )),
+        _ => Err(MessageError::UnsupportedCharset),
     }
 }
 
@@ -606,6 +600,14 @@ mod tests {
         );
         let lying = b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5||||||UNICODE UTF-8\rPID|\xfc";
         assert_eq!(Text::decode(lying).unwrap_err(), MessageError::InvalidUtf8);
+        let odd = b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5||||||EBCDIC\rPID|1";
+        assert_eq!(
+            Text::decode(odd).unwrap_err(),
+            MessageError::UnsupportedCharset
+        );
+        let latin9 = b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5||||||8859/15\rPID|\xa4";
+        let m = Text::decode(latin9).unwrap();
+        assert_eq!(m.parse().unwrap().segment("PID").unwrap().get(1, 1, 1), "€");
     }
 
     #[test]
