@@ -4,8 +4,8 @@
 //! Layers, bottom up: [`mllp`] frames bytes; [`message`] turns bytes into text by character
 //! set and gives decoded access over the `hl7-parser` crate (and encodes what we send);
 //! [`datetime`] converts HL7 timestamps in UK local time; [`mapping`] turns segments into
-//! FHIR resources; [`client`] runs the QBP^Q22 / RSP^K22 exchange and its checks; [`sim`] is
-//! the PAS simulator.
+//! FHIR resources; `client` ([`Hl7v2Connector`]) runs the QBP^Q22 / RSP^K22 exchange and its
+//! checks (its module documentation says why QBP^Q22); [`sim`] is the PAS simulator.
 mod client;
 mod config;
 pub mod datetime;
