@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod breaker;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -13,6 +15,7 @@ pub mod facade;
 pub mod fanout;
 pub mod fhir;
 pub mod gateway;
+pub mod hedge;
 pub mod merge;
 pub mod outcome;
 pub mod plan;

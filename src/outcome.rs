@@ -6,6 +6,8 @@ use std::{sync::Arc, time::Duration};
 use connectors::{ConnectorError, SourceDescriptor, SourceRecord};
 use tower::BoxError;
 
+use crate::{breaker::BreakerOpen, cache::SharedError};
+
 /// One source's result for one request.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -17,6 +19,8 @@ pub enum Outcome {
     Failed(ConnectorError),
     /// The gateway had no capacity left for this source (its concurrency limit was full).
     Shed,
+    /// The source was not asked: its breaker is open after repeated failures.
+    BreakerOpen,
     /// The gateway failed internally while calling this source.
     Internal(String),
 }
@@ -31,15 +35,27 @@ impl Outcome {
     }
 
     fn from_error(err: BoxError) -> Self {
+        Self::classify(err.as_ref())
+    }
+
+    /// Classifies by reference, looking through the cache's shared error (the callers of a
+    /// coalesced miss share one error).
+    fn classify(err: &(dyn std::error::Error + Send + Sync + 'static)) -> Self {
+        if let Some(shared) = err.downcast_ref::<SharedError>() {
+            return Self::classify(shared.0.as_ref().as_ref());
+        }
         if err.is::<tower::timeout::error::Elapsed>() || err.is::<tokio::time::error::Elapsed>() {
             return Self::TimedOut;
         }
         if err.is::<tower::load_shed::error::Overloaded>() {
             return Self::Shed;
         }
-        match err.downcast::<ConnectorError>() {
-            Ok(e) => Self::Failed(*e),
-            Err(other) => Self::Internal(other.to_string()),
+        if err.is::<BreakerOpen>() {
+            return Self::BreakerOpen;
+        }
+        match err.downcast_ref::<ConnectorError>() {
+            Some(e) => Self::Failed(e.clone()),
+            None => Self::Internal(err.to_string()),
         }
     }
 
@@ -50,6 +66,7 @@ impl Outcome {
             Self::TimedOut => "timeout",
             Self::Failed(e) => e.code(),
             Self::Shed => "shed",
+            Self::BreakerOpen => "breaker_open",
             Self::Internal(_) => "internal",
         }
     }
@@ -68,8 +85,23 @@ impl Outcome {
             Self::Shed => {
                 Some("not asked: the gateway was at capacity for this source (shed)".to_owned())
             }
+            Self::BreakerOpen => Some(
+                "not asked: the source failed repeatedly and is being given time to recover (breaker open)"
+                    .to_owned(),
+            ),
             Self::Internal(_) => Some("failed: internal gateway error (internal)".to_owned()),
         }
+    }
+}
+
+/// Whether a stack's error says the source is unhealthy, for its breaker: it could not be
+/// reached, broke the connection, answered 5xx or 429, sent garbage, or did not answer in
+/// time. A 4xx, a rejected query or a patient mismatch is the source working as designed.
+pub fn counts_against_source(err: &BoxError) -> bool {
+    match Outcome::classify(err.as_ref()) {
+        Outcome::TimedOut => true,
+        Outcome::Failed(e) => e.is_retryable() || matches!(e, ConnectorError::Malformed(_)),
+        Outcome::Answered(_) | Outcome::Shed | Outcome::BreakerOpen | Outcome::Internal(_) => false,
     }
 }
 
