@@ -131,6 +131,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         listen: config.listen,
         admin_listen: config.admin_listen,
         budget: config.budget,
+        resilience: config.resilience,
         plan: config.plan,
         auth: config.auth,
         audit_dir,

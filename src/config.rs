@@ -19,7 +19,10 @@ use toml::{
     de::{DeTable, DeValue, ValueDeserializer},
 };
 
-use crate::{auth::TrustedKey, plan::PlanMode};
+use crate::{
+    auth::TrustedKey, breaker::BreakerSettings, cache::CacheSettings, hedge::HedgeSettings,
+    plan::PlanMode,
+};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -27,6 +30,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub budget: Budget,
+    pub resilience: Resilience,
     pub plan: PlanMode,
     pub auth: AuthSettings,
     pub audit_dir: Option<PathBuf>,
@@ -66,6 +70,50 @@ impl Default for Budget {
             max: default_max_budget(),
             reserve: default_reserve(),
         }
+    }
+}
+
+/// The cache, hedging, breakers and load shedding: `[cache]`, `[hedge]`, `[breaker]` and
+/// `[shed]`, each optional with defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resilience {
+    pub cache: CacheSettings,
+    pub hedge: HedgeSettings,
+    pub breaker: BreakerSettings,
+    pub shed: ShedSettings,
+}
+
+/// Load shedding at the facade (`[shed]`): past `max_in_flight` requests at once, a request
+/// is answered at once with 503, `Retry-After` and an OperationOutcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShedSettings {
+    /// Data requests (everything but `/fhir/metadata`) served at once.
+    pub max_in_flight: usize,
+    /// What `Retry-After` tells a shed caller (whole seconds, at least 1).
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for ShedSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 512,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ShedSettings {
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.max_in_flight == 0 {
+            p.push("max_in_flight must be at least 1".to_owned());
+        }
+        if self.retry_after < Duration::from_secs(1) {
+            p.push("retry_after must be at least 1s (Retry-After is in whole seconds)".to_owned());
+        }
+        p
     }
 }
 
@@ -215,12 +263,50 @@ impl Config {
 
         let (mut gateway, mut budget, mut plan, mut auth_section, mut source_tables) =
             (None, None, None, None, Vec::new());
+        let mut resilience = Resilience::default();
+        let mut resilience_ok = true;
         for (key, value) in document.into_inner() {
             match key.get_ref().as_ref() {
                 "gateway" => gateway = Some(section::<RawGateway>(&mut p, value, "[gateway]")),
                 "budget" => budget = Some(section::<Budget>(&mut p, value, "[budget]")),
                 "plan" => plan = Some(section::<RawPlan>(&mut p, value, "[plan]").map(|r| r.mode)),
                 "auth" => auth_section = Some(value),
+                "cache" => match section::<CacheSettings>(&mut p, value, "[cache]") {
+                    Some(c) => {
+                        for problem in c.problems() {
+                            p.at(None, "[cache]", problem);
+                        }
+                        resilience.cache = c;
+                    }
+                    None => resilience_ok = false,
+                },
+                "hedge" => match section::<HedgeSettings>(&mut p, value, "[hedge]") {
+                    Some(h) => {
+                        for problem in h.problems() {
+                            p.at(None, "[hedge]", problem);
+                        }
+                        resilience.hedge = h;
+                    }
+                    None => resilience_ok = false,
+                },
+                "breaker" => match section::<BreakerSettings>(&mut p, value, "[breaker]") {
+                    Some(b) => {
+                        for problem in b.problems() {
+                            p.at(None, "[breaker]", problem);
+                        }
+                        resilience.breaker = b;
+                    }
+                    None => resilience_ok = false,
+                },
+                "shed" => match section::<ShedSettings>(&mut p, value, "[shed]") {
+                    Some(sh) => {
+                        for problem in sh.problems() {
+                            p.at(None, "[shed]", problem);
+                        }
+                        resilience.shed = sh;
+                    }
+                    None => resilience_ok = false,
+                },
                 "sources" => {
                     let span = value.span();
                     match value.into_inner() {
@@ -236,7 +322,7 @@ impl Config {
                     Some(key.span()),
                     "TOML",
                     format_args!(
-                        "unknown section `{other}`: expected gateway, budget, plan, auth or sources"
+                        "unknown section `{other}`: expected gateway, budget, cache, hedge, breaker, shed, plan, auth or sources"
                     ),
                 ),
             }
@@ -377,7 +463,13 @@ impl Config {
             p.at(None, "[sources]", "no clinical sources: add at least one gp-practice, trust, council or private-provider");
         }
 
-        match (p.list.is_empty(), addresses, budget, plan, auth) {
+        match (
+            p.list.is_empty() && resilience_ok,
+            addresses,
+            budget,
+            plan,
+            auth,
+        ) {
             (true, (Some(listen), Some(admin_listen)), Some(budget), Some(plan), Some(auth)) => {
                 let gateway = gateway.unwrap_or_else(|| {
                     unreachable!("addresses parsed, so the gateway section was read")
@@ -386,6 +478,7 @@ impl Config {
                     listen,
                     admin_listen,
                     budget,
+                    resilience,
                     plan,
                     auth,
                     audit_dir: gateway.audit_dir.map(|d| base.join(d)),
@@ -502,6 +595,49 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
             "{joined}"
         );
         assert!(joined.contains("more than max"), "{joined}");
+    }
+
+    #[test]
+    fn resilience_sections_fill_in_defaults_and_report_every_problem() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.resilience, Resilience::default());
+        assert_eq!(c.resilience.breaker.consecutive_failures, 5);
+        assert_eq!(c.resilience.breaker.base_ejection, Duration::from_secs(30));
+        assert_eq!(c.resilience.hedge.percentile, 0.95);
+
+        let tuned = format!(
+            "{GOOD}\n[cache]\nmax_bytes = 8388608\nstale_if_error = \"5m\"\n[cache.ttl]\ndefault = \"20s\"\ntrust = \"0s\"\ngp-practice = \"1m\"\n[hedge]\nmax_extra_load = 0.02\n[breaker]\nconsecutive_failures = 3\n[shed]\nmax_in_flight = 64\n"
+        );
+        let c = parse(&tuned).unwrap();
+        let r = &c.resilience;
+        assert_eq!(r.cache.ttl_for(SourceKind::Trust), Duration::ZERO);
+        assert_eq!(
+            r.cache.ttl_for(SourceKind::GpPractice),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            r.cache.ttl_for(SourceKind::Council),
+            Duration::from_secs(20)
+        );
+        assert_eq!(r.cache.stale_if_error, Duration::from_secs(300));
+        assert_eq!(r.hedge.max_extra_load, 0.02);
+        assert_eq!(r.breaker.consecutive_failures, 3);
+        assert_eq!(r.shed.max_in_flight, 64);
+
+        let bad = format!(
+            "{GOOD}\n[cache]\nttl = {{ hospital = \"1s\" }}\n[hedge]\npercentile = 95\n[breaker]\nwindow = 0\nflavour = 1\n[shed]\nmax_in_flight = 0\n"
+        );
+        let joined = parse(&bad).unwrap_err().join("\n");
+        assert!(
+            joined.contains("[cache]") && joined.contains("hospital"),
+            "{joined}"
+        );
+        assert!(joined.contains("[hedge]: percentile"), "{joined}");
+        assert!(
+            joined.contains("[breaker]") && joined.contains("flavour"),
+            "{joined}"
+        );
+        assert!(joined.contains("[shed]: max_in_flight"), "{joined}");
     }
 
     #[test]

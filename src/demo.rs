@@ -12,7 +12,8 @@ use connectors::{
 
 use crate::{
     auth::{self, TrustedKey},
-    config::{AuthSettings, Budget, SourceConfig},
+    cache::CacheSettings,
+    config::{AuthSettings, Budget, Resilience, SourceConfig},
     plan::PlanMode,
     server,
 };
@@ -50,6 +51,46 @@ pub struct DemoArgs {
     /// The request budget when the caller does not ask for less.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     budget: Duration,
+    /// How long a source's answer is cached (every kind); 0s turns the cache off.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    cache_ttl: Duration,
+    /// Serve an expired cached answer, labelled stale, this long when its source fails.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    stale_if_error: Duration,
+    /// Shed (503 + Retry-After) data requests beyond this many at once.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    max_in_flight: u32,
+    /// Consecutive failures that open a source's breaker.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    breaker_failures: u32,
+    /// A breaker's first ejection (then n times as long, at most 300s).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    breaker_ejection: Duration,
+    /// Turn hedging off (load tests compare with it on).
+    #[arg(long)]
+    no_hedge: bool,
+    /// Calls in flight to one source at once (the bulkhead).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    source_concurrency: u32,
+}
+
+impl DemoArgs {
+    /// The cache, hedge, breaker and shed settings the flags ask for.
+    fn resilience(&self) -> Resilience {
+        let mut r = Resilience::default();
+        if self.cache_ttl.is_zero() {
+            r.cache = CacheSettings::off();
+        } else {
+            r.cache.ttl.default = Some(self.cache_ttl);
+        }
+        r.cache.stale_if_error = self.stale_if_error;
+        r.shed.max_in_flight = self.max_in_flight as usize;
+        r.breaker.consecutive_failures = self.breaker_failures;
+        r.breaker.base_ejection = self.breaker_ejection;
+        r.breaker.max_ejection = r.breaker.max_ejection.max(self.breaker_ejection);
+        r.hedge.enabled = !self.no_hedge;
+        r
+    }
 }
 
 fn parse_fault(s: &str) -> Result<(OdsCode, Fault), String> {
@@ -101,7 +142,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             ods: s.spec.ods.clone(),
             name: s.spec.name.clone(),
             kind: s.spec.kind,
-            max_concurrency: 64,
+            max_concurrency: args.source_concurrency as usize,
             connector: s.config.clone(),
         })
         .collect();
@@ -116,6 +157,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             max: Duration::from_secs(10).max(args.budget),
             ..Budget::default()
         },
+        resilience: args.resilience(),
         plan: if args.broadcast {
             PlanMode::Broadcast
         } else {

@@ -40,10 +40,53 @@ pub struct Facade {
     pub verifier: Arc<Verifier>,
     /// The public base URL, e.g. `http://127.0.0.1:8080/fhir` (never taken from `Host`).
     pub base_url: Arc<str>,
+    /// Load shedding for data requests.
+    pub shed: Shedder,
+}
+
+/// Load shedding: at most `max_in_flight` data requests at once; the next is answered at
+/// once with 503, `Retry-After` and an OperationOutcome, never queued. A queued request
+/// would spend its budget waiting and time out anyway, after tying up a connection; a fast
+/// 503 lets the caller (or its load balancer) go elsewhere. `/fhir/metadata` is never shed.
+#[derive(Debug, Clone)]
+pub struct Shedder {
+    permits: Arc<tokio::sync::Semaphore>,
+    retry_after: HeaderValue,
+}
+
+impl Shedder {
+    pub fn new(settings: crate::config::ShedSettings) -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
+            retry_after: HeaderValue::from(settings.retry_after.as_secs().max(1)),
+        }
+    }
+}
+
+async fn shed(State(s): State<Shedder>, request: Request, next: Next) -> Response {
+    if request.uri().path() == "/fhir/metadata" {
+        return next.run(request).await;
+    }
+    let Ok(permit) = s.permits.clone().try_acquire_owned() else {
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "throttled",
+            "the gateway is at capacity: try again after the time in Retry-After",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, s.retry_after.clone());
+        return response;
+    };
+    let response = next.run(request).await;
+    drop(permit);
+    response
 }
 
 /// The facade's router.
 pub fn router(facade: Facade) -> Router {
+    let shedder = facade.shed.clone();
     Router::new()
         .route("/fhir/metadata", get(metadata))
         .route("/fhir/Patient", get(patient_search))
@@ -57,6 +100,7 @@ pub fn router(facade: Facade) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(facade)
+        .layer(middleware::from_fn_with_state(shedder, shed))
         .layer(middleware::from_fn(envelope))
 }
 

@@ -6,6 +6,10 @@
 //! deadline; every source call gets what remains of it less a reserve for merge, policy and
 //! audit, so the response can leave on time with whatever has arrived. A call still running
 //! at its deadline is dropped (connectors are cancel-safe) and reported as timed out.
+//!
+//! Each source's stack, outermost first: cache ([`crate::cache`]) -> breaker
+//! ([`crate::breaker`]) -> hedge ([`crate::hedge`]) -> deadline -> concurrency limit (the
+//! bulkhead: one slow source cannot take every task) -> connector.
 
 use std::{
     sync::Arc,
@@ -18,7 +22,12 @@ use futures::{FutureExt, future::BoxFuture};
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
 
-use crate::outcome::{Outcome, SourceOutcome};
+use crate::{
+    breaker::{Breaker, BreakerService, BreakerSettings, BreakerState},
+    cache::{AnswerCache, CacheCounters, CacheProbe, CacheService},
+    hedge::{HedgeCounters, HedgeService, HedgeSettings, Hedger},
+    outcome::{Outcome, SourceOutcome},
+};
 
 /// One call to one source: the query and the instant by which it must be over.
 #[derive(Debug, Clone)]
@@ -31,18 +40,44 @@ pub struct SourceCall {
 pub type SourceService = BoxCloneSyncService<SourceCall, SourceRecord, BoxError>;
 
 /// Per-source settings for the stack.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StackSettings {
     /// Calls in flight to this source at once; more wait (within their deadline).
     pub max_concurrency: usize,
+    pub breaker: BreakerSettings,
+    pub hedge: HedgeSettings,
+    /// The gateway's answer cache; `None`: this source's answers are never cached.
+    pub cache: Option<AnswerCache>,
 }
 
 impl Default for StackSettings {
     fn default() -> Self {
         Self {
             max_concurrency: 64,
+            breaker: BreakerSettings::default(),
+            hedge: HedgeSettings::default(),
+            cache: None,
         }
     }
+}
+
+/// What a source's stack has been doing, for `/admin/upstreams` and metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceStatus {
+    /// `None` when breakers are turned off.
+    pub breaker: Option<BreakerState>,
+    /// Times the breaker has opened since start.
+    pub breaker_opened: u64,
+    pub hedge: HedgeCounters,
+    pub cache: CacheCounters,
+}
+
+/// Handles on a source's stateful layers, to read their state.
+#[derive(Clone, Debug)]
+struct Probes {
+    breaker: Option<Breaker>,
+    hedger: Hedger,
+    cache: Option<CacheProbe>,
 }
 
 /// A source the gateway can call: who it is and its stack.
@@ -50,6 +85,7 @@ impl Default for StackSettings {
 pub struct Source {
     pub descriptor: Arc<SourceDescriptor>,
     pub service: SourceService,
+    probes: Probes,
 }
 
 impl std::fmt::Debug for Source {
@@ -61,28 +97,79 @@ impl std::fmt::Debug for Source {
 }
 
 impl Source {
-    /// Builds a source's stack, outermost first: deadline -> concurrency limit -> connector.
-    /// The budget issue adds cache, breaker and hedge above the deadline.
+    /// Builds a source's stack, outermost first:
+    /// cache -> breaker -> hedge -> deadline -> concurrency limit -> connector.
+    ///
+    /// The cache answers before anything else (a hit costs no upstream call, even with the
+    /// breaker open); the breaker refuses before a hedge could double a doomed call; each
+    /// hedge leg has its own deadline and waits for its own permit.
     pub fn new(connector: Arc<dyn Connector>, settings: StackSettings) -> Self {
         let descriptor = Arc::new(connector.descriptor().clone());
-        let service = ServiceBuilder::new()
+        let hedger = Hedger::new(settings.hedge);
+        let timed = ServiceBuilder::new()
             .layer_fn(DeadlineService)
             .concurrency_limit(settings.max_concurrency)
             .service(ConnectorService(connector));
+        let hedged = HedgeService::new(timed, hedger.clone());
+        let (guarded, breaker) = if settings.breaker.enabled {
+            let breaker = Breaker::new(settings.breaker);
+            (
+                BoxCloneSyncService::new(BreakerService::new(hedged, breaker.clone())),
+                Some(breaker),
+            )
+        } else {
+            (BoxCloneSyncService::new(hedged), None)
+        };
+        let (service, cache) = match &settings.cache {
+            Some(cache) => {
+                let (svc, probe) =
+                    CacheService::new(guarded, cache, &descriptor.id, descriptor.kind);
+                (BoxCloneSyncService::new(svc), Some(probe))
+            }
+            None => (guarded, None),
+        };
         Self {
             descriptor,
-            service: BoxCloneSyncService::new(service),
+            service,
+            probes: Probes {
+                breaker,
+                hedger,
+                cache,
+            },
+        }
+    }
+
+    /// The state of the source's breaker and its hedge and cache counters.
+    pub fn status(&self) -> SourceStatus {
+        SourceStatus {
+            breaker: self.probes.breaker.as_ref().map(Breaker::state),
+            breaker_opened: self
+                .probes
+                .breaker
+                .as_ref()
+                .map_or(0, Breaker::opened_total),
+            hedge: self.probes.hedger.counters(),
+            cache: self
+                .probes
+                .cache
+                .as_ref()
+                .map(CacheProbe::counters)
+                .unwrap_or_default(),
         }
     }
 
     /// Calls the source; never fails and never outlives `deadline`.
     pub async fn call(&self, query: SourceQuery, deadline: Instant) -> SourceOutcome {
         let started = Instant::now();
-        let result = self
-            .service
-            .clone()
-            .oneshot(SourceCall { query, deadline })
-            .await;
+        let result = match tokio::time::timeout_at(
+            deadline,
+            self.service.clone().oneshot(SourceCall { query, deadline }),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(elapsed) => Err(BoxError::from(elapsed)),
+        };
         let outcome = Outcome::from_result(result);
         SourceOutcome {
             source: self.descriptor.clone(),
@@ -219,7 +306,13 @@ mod tests {
             fail,
             calls: Arc::default(),
         };
-        Source::new(Arc::new(connector), StackSettings { max_concurrency })
+        Source::new(
+            Arc::new(connector),
+            StackSettings {
+                max_concurrency,
+                ..StackSettings::default()
+            },
+        )
     }
 
     fn query() -> SourceQuery {
@@ -283,5 +376,96 @@ mod tests {
             upstream_deadline(now + Duration::from_millis(50), Duration::from_millis(100)),
             now
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_source_trips_its_breaker_and_is_then_not_asked() {
+        let s = source("bad", 5, true, 4);
+        let deadline = || Instant::now() + Duration::from_secs(2);
+        for _ in 0..5 {
+            assert_eq!(s.call(query(), deadline()).await.outcome.code(), "status");
+        }
+        assert_eq!(s.status().breaker, Some(BreakerState::Open));
+        let start = Instant::now();
+        let skipped = s.call(query(), deadline()).await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "refused without waiting");
+        assert_eq!(skipped.outcome.code(), "breaker_open");
+        let why = skipped.outcome.shortfall().unwrap();
+        assert!(
+            why.starts_with("not asked") && why.ends_with("(breaker open)"),
+            "{why}"
+        );
+        assert_eq!(s.status().breaker_opened, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cached_answer_is_served_even_while_the_breaker_is_open() {
+        use connectors::ConnectorError;
+        let flaky = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        struct Flaky(SourceDescriptor, Arc<std::sync::atomic::AtomicBool>);
+        impl Connector for Flaky {
+            fn descriptor(&self) -> &SourceDescriptor {
+                &self.0
+            }
+            fn fetch(
+                &self,
+                _q: SourceQuery,
+            ) -> BoxFuture<'static, Result<SourceRecord, ConnectorError>> {
+                let fail = self.1.load(Ordering::SeqCst);
+                async move {
+                    if fail {
+                        Err(ConnectorError::Transport("reset".into()))
+                    } else {
+                        Ok(SourceRecord {
+                            resources: vec![serde_json::json!({"resourceType": "Patient"})],
+                        })
+                    }
+                }
+                .boxed()
+            }
+        }
+        let mut descriptor = source("x", 0, false, 1).descriptor.as_ref().clone();
+        descriptor.kind = SourceKind::GpPractice;
+        let s = Source::new(
+            Arc::new(Flaky(descriptor, flaky.clone())),
+            StackSettings {
+                cache: Some(AnswerCache::new(crate::cache::CacheSettings::default())),
+                ..StackSettings::default()
+            },
+        );
+        let deadline = || Instant::now() + Duration::from_secs(2);
+        let other = SourceQuery::everything(NhsNumber::parse("9990000018").unwrap());
+        assert!(s.call(query(), deadline()).await.outcome.is_answered());
+        flaky.store(true, Ordering::SeqCst);
+        for _ in 0..5 {
+            assert_eq!(
+                s.call(other.clone(), deadline()).await.outcome.code(),
+                "transport"
+            );
+        }
+        assert_eq!(s.status().breaker, Some(BreakerState::Open));
+        assert!(
+            s.call(query(), deadline()).await.outcome.is_answered(),
+            "cache hit"
+        );
+        assert_eq!(
+            s.call(other, deadline()).await.outcome.code(),
+            "breaker_open"
+        );
+        assert_eq!(s.status().cache.hits, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_source_is_hedged_within_the_deadline_through_the_whole_stack() {
+        let s = source("slowish", 3_000, false, 4);
+        let start = Instant::now();
+        let outcome = s.call(query(), start + Duration::from_millis(700)).await;
+        assert_eq!(outcome.outcome.code(), "timeout");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(700),
+            "never past the deadline"
+        );
+        assert_eq!(s.status().hedge.hedged, 0, "no samples yet: no hedge");
     }
 }

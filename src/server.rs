@@ -17,7 +17,7 @@ use crate::{
     admin::{self, Admin},
     audit::AuditLog,
     auth::Verifier,
-    config::{AuthSettings, Budget, SourceConfig},
+    config::{AuthSettings, Budget, Resilience, SourceConfig},
     facade::{self, Facade},
     fanout::{Source, StackSettings},
     gateway::Gateway,
@@ -32,6 +32,7 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub budget: Budget,
+    pub resilience: Resilience,
     pub plan: PlanMode,
     pub auth: AuthSettings,
     pub audit_dir: PathBuf,
@@ -52,6 +53,15 @@ pub struct Running {
 
 /// Builds the gateway and starts serving; returns once both listeners are bound.
 pub async fn start(settings: Settings) -> Result<Running, String> {
+    let resilience = &settings.resilience;
+    let cache = (resilience.cache.max_bytes > 0)
+        .then(|| crate::cache::AnswerCache::new(resilience.cache.clone()));
+    let stack = StackSettings {
+        breaker: resilience.breaker,
+        hedge: resilience.hedge,
+        cache,
+        ..StackSettings::default()
+    };
     let mut sources = Vec::with_capacity(settings.sources.len());
     for s in &settings.sources {
         let connector = s
@@ -62,6 +72,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
             connector,
             StackSettings {
                 max_concurrency: s.max_concurrency,
+                ..stack.clone()
             },
         ));
     }
@@ -69,8 +80,10 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         .await
         .map_err(|e| e.to_string())?;
     let audit_path = audit.path().to_owned();
+    let mut upstreams = UpstreamStats::new(sources.iter().map(|s| s.descriptor.clone()).collect());
+    upstreams.watch(&sources);
     let gateway = Arc::new(Gateway {
-        upstreams: UpstreamStats::new(sources.iter().map(|s| s.descriptor.clone()).collect()),
+        upstreams,
         sources,
         plan: settings.plan,
         budget: settings.budget,
@@ -99,6 +112,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         gateway: gateway.clone(),
         verifier,
         base_url: base_url.as_str().into(),
+        shed: facade::Shedder::new(settings.resilience.shed),
     });
     let admin = admin::router(Admin {
         gateway,

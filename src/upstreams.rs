@@ -9,7 +9,10 @@ use std::{
 use connectors::SourceDescriptor;
 use serde::Serialize;
 
-use crate::outcome::SourceOutcome;
+use crate::{
+    fanout::{Source, SourceStatus},
+    outcome::SourceOutcome,
+};
 
 #[derive(Debug, Default, Clone, Serialize)]
 struct Counters {
@@ -26,6 +29,8 @@ struct Counters {
 pub struct UpstreamStats {
     by_source: HashMap<String, Mutex<Counters>>,
     sources: Vec<Arc<SourceDescriptor>>,
+    /// Each source's stack, to read its breaker and counters.
+    stacks: HashMap<String, Source>,
 }
 
 /// One row of `/admin/upstreams`.
@@ -44,6 +49,10 @@ pub struct UpstreamRow {
     pub last_outcome: Option<&'static str>,
     pub last_latency_ms: Option<f64>,
     pub last_call_unix: Option<u64>,
+    /// `closed`, `open` or `half-open`; `None` when breakers are off.
+    pub breaker: Option<&'static str>,
+    /// Breaker, hedge and cache counters.
+    pub status: Option<SourceStatus>,
 }
 
 impl UpstreamStats {
@@ -52,7 +61,17 @@ impl UpstreamStats {
             .iter()
             .map(|s| (s.id.clone(), Mutex::default()))
             .collect();
-        Self { by_source, sources }
+        Self {
+            by_source,
+            sources,
+            stacks: HashMap::new(),
+        }
+    }
+
+    /// Shows these sources' breaker state and counters in the rows.
+    pub fn watch(&mut self, sources: &[Source]) {
+        self.stacks
+            .extend(sources.iter().map(|s| (s.descriptor.id.clone(), s.clone())));
     }
 
     pub fn record(&self, outcome: &SourceOutcome) {
@@ -83,6 +102,7 @@ impl UpstreamStats {
                     .get(&s.id)
                     .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).clone())
                     .unwrap_or_default();
+                let status = self.stacks.get(&s.id).map(Source::status);
                 UpstreamRow {
                     id: s.id.clone(),
                     ods: s.ods.to_string(),
@@ -101,6 +121,8 @@ impl UpstreamStats {
                     last_outcome: c.last_outcome,
                     last_latency_ms: c.last_latency_ms,
                     last_call_unix: c.last_call_unix,
+                    breaker: status.as_ref().and_then(|s| s.breaker.map(|b| b.as_str())),
+                    status,
                 }
             })
             .collect()
