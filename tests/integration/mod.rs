@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod budgets;
 mod errors;
 mod federation;
 mod serve;

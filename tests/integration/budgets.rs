@@ -1,0 +1,133 @@
+//! Budgets through the real binary: breakers, the answer cache and load shedding.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use super::{Demo, send};
+
+const FETCHED_AT: &str = "https://tributary.example.org/fhir/StructureDefinition/fetched-at";
+
+/// The upstream table's row for one ODS code.
+async fn upstream_row(demo: &Demo, ods: &str) -> Value {
+    let reply = send("GET", &format!("{}/admin/upstreams", demo.admin), &[], None).await;
+    reply.body["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ods"] == ods)
+        .cloned()
+        .unwrap_or_else(|| panic!("no row for {ods}: {}", reply.text))
+}
+
+#[tokio::test]
+async fn a_failing_source_trips_its_breaker_and_later_requests_report_it_not_asked() {
+    // RXL (a trust, asked for every patient) answers garbage; two failures open its breaker.
+    let demo = Demo::start(&["--fault", "RXL=garbage", "--breaker-failures", "2"]).await;
+    let nhs = demo.patient("typical");
+    for _ in 0..2 {
+        let reply = demo.get(&format!("/Patient/{nhs}/$everything")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        assert!(reply.issue_text().contains("RXL"), "{}", reply.issue_text());
+    }
+    assert_eq!(upstream_row(&demo, "RXL").await["breaker"], "open");
+    assert_eq!(upstream_row(&demo, "RXN").await["breaker"], "closed");
+
+    let reply = demo.get(&format!("/Patient/{nhs}/$everything")).await;
+    assert_eq!(reply.status, 200, "partial record, not an error");
+    let rxl = reply
+        .issues()
+        .into_iter()
+        .filter_map(|i| i["details"]["text"].as_str().map(str::to_owned))
+        .find(|t| t.starts_with("RXL"))
+        .unwrap_or_else(|| panic!("RXL is named: {}", reply.issue_text()));
+    assert!(
+        rxl.contains("not asked") && rxl.ends_with("(breaker open)"),
+        "{rxl}"
+    );
+    assert!(
+        !reply.resources().is_empty(),
+        "the other sources still answer"
+    );
+    demo.stop().await;
+}
+
+/// Every resource's fetch time, by id.
+fn fetched_at(reply: &super::Reply) -> BTreeMap<String, String> {
+    reply
+        .resources()
+        .iter()
+        .filter_map(|r| {
+            let at = r["meta"]["extension"]
+                .as_array()?
+                .iter()
+                .find(|e| e["url"] == FETCHED_AT)?["valueInstant"]
+                .as_str()?
+                .to_owned();
+            Some((r["id"].as_str()?.to_owned(), at))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cached_answer_is_served_with_its_fetch_time_and_responses_are_no_store() {
+    let demo = Demo::start(&[]).await;
+    let nhs = demo.patient("typical");
+    let first = demo.get(&format!("/Patient/{nhs}/$everything")).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    assert_eq!(first.headers["cache-control"], "no-store");
+    let first_times = fetched_at(&first);
+    assert!(
+        first_times.len() > 1,
+        "resources show when they were fetched: {}",
+        first.text
+    );
+
+    let second = demo.get(&format!("/Patient/{nhs}/$everything")).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.headers["cache-control"], "no-store");
+    let second_times = fetched_at(&second);
+    assert_eq!(
+        second_times, first_times,
+        "served from the cache: the same fetch instants"
+    );
+    let rxl = upstream_row(&demo, "RXL").await;
+    assert!(
+        rxl["status"]["cache"]["hits"].as_u64().unwrap() >= 1,
+        "{rxl}"
+    );
+    demo.stop().await;
+}
+
+#[tokio::test]
+async fn over_capacity_requests_are_shed_fast_with_503_retry_after_and_an_outcome() {
+    // One request at a time; RXL is slow, so the first holds the only slot.
+    let demo = Demo::start(&[
+        "--max-in-flight",
+        "1",
+        "--fault",
+        "RXL=slow:3000",
+        "--cache-ttl",
+        "0s",
+    ])
+    .await;
+    let nhs = demo.patient("typical");
+    let path = format!("/Patient/{nhs}/$everything");
+    let replies = futures::future::join_all((0..4).map(|_| demo.get(&path))).await;
+    let shed: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
+    assert!(
+        replies.iter().any(|r| r.status == 200),
+        "one was served: {:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(!shed.is_empty(), "the others were shed");
+    for r in shed {
+        assert_eq!(r.headers["retry-after"], "1");
+        assert_eq!(r.body["resourceType"], "OperationOutcome", "{}", r.text);
+        assert_eq!(r.body["issue"][0]["code"], "throttled");
+        assert!(r.headers.contains_key("x-request-id"));
+    }
+    let metadata = demo.get("/metadata").await;
+    assert_eq!(metadata.status, 200, "metadata is never shed");
+    demo.stop().await;
+}
