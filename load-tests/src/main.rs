@@ -249,6 +249,21 @@ mod futures_lite {
 
 const NO_CACHE: &str = "[cache]\nmax_bytes = 0\n";
 
+/// Sums the hedge counters over every source (calls, hedged, won, declined).
+async fn hedge_counters(c: &HttpClient, gw: &Gateway) -> [u64; 4] {
+    let Ok((_, body)) = get_body(c, &format!("{}/admin/upstreams", gw.admin), &[]).await else {
+        return [0; 4];
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut sum = [0; 4];
+    for r in v["upstreams"].as_array().into_iter().flatten() {
+        for (i, k) in ["calls", "hedged", "hedge_won", "declined"].iter().enumerate() {
+            sum[i] += r["status"]["hedge"][k].as_u64().unwrap_or(0);
+        }
+    }
+    sum
+}
+
 async fn admin_calls(c: &HttpClient, gw: &Gateway) -> u64 {
     let Ok((_, body)) = get_body(c, &format!("{}/admin/upstreams", gw.admin), &[]).await else {
         return 0;
@@ -585,6 +600,8 @@ async fn s3(env: &Env, common: &Common) -> Result<Report, String> {
         )
         .await;
         let r1 = up.requests().await;
+        let h = hedge_counters(&c, &gw).await;
+        report.measure(&format!("{name}: source calls / hedged / hedge won / declined (incl. warm-up)"), h[0] as f64, &format!("/ {} / {} / {}", h[1], h[2], h[3]));
         results.push((p.clone(), (r1 - r0) as f64 / p.completed.max(1) as f64));
         report.phases.push(p);
         gw.stop().await;
