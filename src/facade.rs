@@ -574,13 +574,8 @@ async fn everything(
     };
     let warnings = params.leftovers(asked.strict)?;
     let self_url = format!("{}/Patient/{{nhs-number}}/$everything", f.base_url);
-    match f
-        .run(&asked, nhs, types, &req.0.0, "Patient.$everything")
-        .await?
-    {
-        Answer::Unknown => Err(unknown_patient()),
-        other => f.bundle(other, &req.0.0, &self_url, warnings),
-    }
+    let answer = f.run(&asked, nhs, types, &req.0.0, "Patient.$everything").await?;
+    f.bundle(answer, &req.0.0, &self_url, warnings)
 }
 
 async fn type_search(
@@ -653,13 +648,8 @@ async fn search_type(
     };
     let warnings = params.leftovers(asked.strict)?;
     let self_url = format!("{}/{ty}?patient={{nhs-number}}", f.base_url);
-    match f
-        .run(&asked, nhs, vec![resource_type], &req.0, "search-type")
-        .await?
-    {
-        Answer::Unknown => Err(unknown_patient()),
-        other => f.bundle(other, &req.0, &self_url, warnings),
-    }
+    let answer = f.run(&asked, nhs, vec![resource_type], &req.0, "search-type").await?;
+    f.bundle(answer, &req.0, &self_url, warnings)
 }
 
 fn unknown_patient() -> ApiError {
@@ -747,6 +737,7 @@ impl Facade {
         })
     }
 
+    /// The searchset for an answer; an unknown patient is a 404, an unavailable one a 502/504.
     fn bundle(
         &self,
         answer: Answer,
