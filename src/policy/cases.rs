@@ -254,10 +254,10 @@ pub fn parse_case(text: &str) -> Result<Vec<Case>, String> {
     if let Ok(c) = serde_json::from_str::<Case>(text) {
         return Ok(vec![c]);
     }
-    if let Ok(f) = toml::from_str::<CaseFile>(text) {
-        if !f.cases.is_empty() {
-            return Ok(f.cases.into_iter().map(toml::Spanned::into_inner).collect());
-        }
+    if let Ok(f) = toml::from_str::<CaseFile>(text)
+        && !f.cases.is_empty()
+    {
+        return Ok(f.cases.into_iter().map(toml::Spanned::into_inner).collect());
     }
     toml::from_str::<Case>(text)
         .map(|c| vec![c])

@@ -201,12 +201,12 @@ pub fn for_each_code<'a>(resource: &'a Value, mut f: impl FnMut(&'a str)) {
         match v {
             Value::Object(map) => {
                 for (k, child) in map {
-                    if k == "coding" {
-                        if let Value::Array(items) = child {
-                            for item in items {
-                                if let Some(code) = item.get("code").and_then(Value::as_str) {
-                                    f(code);
-                                }
+                    if k == "coding"
+                        && let Value::Array(items) = child
+                    {
+                        for item in items {
+                            if let Some(code) = item.get("code").and_then(Value::as_str) {
+                                f(code);
                             }
                         }
                     }
