@@ -210,13 +210,16 @@ fn ask(
     act: &str,
     resource: EntityUid,
     ctx: &Context,
+    validate: bool,
 ) -> Result<Asked, String> {
+    // The context is validated against the schema once per request (see `situation`); the
+    // per-record requests differ only in the resource, whose entity is validated on insertion.
     let request = Request::new(
         principal.clone(),
         action(act)?,
         resource,
         ctx.clone(),
-        Some(&bundle.schema),
+        validate.then_some(&bundle.schema),
     )
     .map_err(|e| format!("request does not fit the schema: {e}"))?;
     let response = Authorizer::new().is_authorized(&request, &bundle.policies, entities);
@@ -259,13 +262,24 @@ fn situation(
     let plain = context(restricted, gp_dissent, relationship, None, req.now)?;
     let asked_ok = role_known
         && !req.principal.purpose.trim().is_empty()
-        && ask(bundle, &base, &user, "ask", service()?, &plain)?.allowed;
+        && ask(bundle, &base, &user, "ask", service()?, &plain, true)?.allowed;
     let bg_allowed = role_known
         && asked_ok
-        && ask(bundle, &base, &user, "break-glass", service()?, &plain)?.allowed;
+        && ask(
+            bundle,
+            &base,
+            &user,
+            "break-glass",
+            service()?,
+            &plain,
+            true,
+        )?
+        .allowed;
     let break_glass = reason.is_some() && bg_allowed;
     let ctx = if break_glass {
-        context(restricted, gp_dissent, relationship, reason, req.now)?
+        let ctx = context(restricted, gp_dissent, relationship, reason, req.now)?;
+        ask(bundle, &base, &user, "break-glass", service()?, &ctx, true)?;
+        ctx
     } else {
         plain
     };
@@ -439,6 +453,7 @@ fn judge(
         "read",
         resource.clone(),
         &sit.context,
+        false,
     )?;
     let mut chosen = ("read", read);
     if !chosen.1.allowed && sit.break_glass {
@@ -449,6 +464,7 @@ fn judge(
             "emergency-read",
             resource,
             &sit.context,
+            false,
         )?;
         if emergency.allowed || !emergency.reasons.is_empty() {
             chosen = ("emergency-read", emergency);
