@@ -232,6 +232,12 @@ fn ask(
     })
 }
 
+/// The part of an internal error safe to log: the stage before the first `:`. The rest may
+/// quote attribute values (categories, organisations) derived from patient data.
+fn stage(e: &str) -> &str {
+    e.split(':').next().unwrap_or("")
+}
+
 fn service() -> Result<EntityUid, String> {
     uid("Service", "gateway")
 }
@@ -308,7 +314,7 @@ pub fn admit(bundle: &Bundle, req: &PolicyRequest, alerts: &AlertLog) -> Result<
         return Err(Denied::NoPurpose);
     }
     let (sit, _, bg_allowed) = situation(bundle, req, false).map_err(|e| {
-        tracing::error!(error = %e, "Policy evaluation failed; refusing.");
+        tracing::error!(stage = stage(&e), "Policy evaluation failed; refusing.");
         Denied::Internal
     })?;
     if !sit.asked_ok {
@@ -572,7 +578,10 @@ pub fn evaluate(
     let (sit, verdicts) = match run(bundle, req, &candidates, dissent, false) {
         Ok(x) => x,
         Err(e) => {
-            tracing::error!(error = %e, "Policy evaluation failed; withholding everything.");
+            tracing::error!(
+                stage = stage(&e),
+                "Policy evaluation failed; withholding everything."
+            );
             return Decision {
                 released: Vec::new(),
                 withheld_any: total > 0,
