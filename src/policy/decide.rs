@@ -539,7 +539,14 @@ fn run(
         }
         let mut ids = Vec::with_capacity(c.sources.len());
         for s in &c.sources {
-            let key = record_key(c, s.ods.as_str(), s.kind, &categories, confidential);
+            // Explain always names the organisation; evaluate merges organisations the
+            // policies cannot tell apart.
+            let ods = if explain || bundle.uses_source_org {
+                s.ods.as_str()
+            } else {
+                ""
+            };
+            let key = record_key(c, ods, s.kind, &categories, confidential);
             let next = keys.len();
             ids.push(*keys.entry(key).or_insert(next));
         }

@@ -70,6 +70,9 @@ pub struct Bundle {
     pub codes: CodeSets,
     /// Role and RoleGroup entities, built once per bundle.
     pub role_entities: Entities,
+    /// Whether any policy file mentions `sourceOrg`. When none does, the source organisation
+    /// cannot change a verdict, so evaluate judges all copies of one kind together.
+    pub uses_source_org: bool,
 }
 
 fn read(path: &Path, name: &str, diags: &mut Vec<Diagnostic>) -> Option<String> {
@@ -349,6 +352,7 @@ pub fn load_dir(dir: &Path) -> Result<Bundle, Vec<Diagnostic>> {
         }
     };
 
+    let uses_source_org = texts.values().any(|t| t.contains("sourceOrg"));
     match (schema, role_entities) {
         (Some(schema), Some(role_entities)) if diags.is_empty() => Ok(Bundle {
             schema,
@@ -357,6 +361,7 @@ pub fn load_dir(dir: &Path) -> Result<Bundle, Vec<Diagnostic>> {
             roles,
             codes,
             role_entities,
+            uses_source_org,
         }),
         _ => Err(diags),
     }

@@ -1250,3 +1250,32 @@ mod prop {
         static ENGINE: Arc<PolicyEngine> = engine();
     }
 }
+
+#[test]
+fn a_policy_on_source_organisation_is_honoured() {
+    // evaluate merges organisations only when no policy mentions sourceOrg; prove it splits them
+    // again when one does.
+    let (_tmp, dir) = scratch();
+    std::fs::write(
+        dir.join("no-ryj.cedar"),
+        "@id(\"no-ryj\")\nforbid (principal, action, resource is Record) when { resource.sourceOrg == \"RYJ\" };\n",
+    )
+    .unwrap();
+    let e = PolicyEngine::load(&dir).unwrap();
+    let f = PatientFacts {
+        orgs_with_data: vec![OdsCode::new(TRUST)],
+        ..facts(false)
+    };
+    let p = who("R8000", TRUST);
+    let d = e.evaluate(
+        &Ask::new(&p, &f).req(),
+        vec![
+            trust(res("Condition", &["1"])),
+            cand(
+                res("Condition", &["2"]),
+                vec![src(OTHER, SourceKind::Trust)],
+            ),
+        ],
+    );
+    assert_eq!(ids(&d), vec!["Condition-1"]);
+}
