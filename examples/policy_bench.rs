@@ -111,6 +111,7 @@ fn main() {
     };
     let facts = PatientFacts {
         restricted: false,
+        gp_dissent: false,
         registered_gp: Some(OdsCode::new("P81001")),
         orgs_with_data: ["P81001", "RXL", "RYJ", "RQM"].map(OdsCode::new).to_vec(),
     };

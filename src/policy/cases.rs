@@ -121,6 +121,7 @@ impl Case {
         PatientFacts {
             restricted: self.patient.restricted,
             registered_gp: self.patient.registered_gp.clone().map(OdsCode::new),
+            gp_dissent: self.patient.gp_dissent,
             orgs_with_data: self
                 .patient
                 .orgs_with_data
@@ -172,11 +173,7 @@ impl Case {
             now: SystemTime::now(),
             request_id: "policy-case",
         };
-        engine.explain(
-            &req,
-            &self.candidate(),
-            self.patient.gp_dissent.then_some(true),
-        )
+        engine.explain(&req, &self.candidate())
     }
 
     /// What actually happened, in the same words as `expect`.

@@ -123,8 +123,14 @@ pub fn relationship(req: &PolicyRequest) -> Relationship {
     }
 }
 
-/// Dissent at the GP: any candidate from a GP practice carries a dissent code.
-pub fn gp_dissent(bundle: &Bundle, candidates: &[Candidate]) -> bool {
+/// Dissent at the GP: already known to the caller (`PatientFacts::gp_dissent`), or any
+/// candidate from a GP practice carries a dissent code.
+pub fn gp_dissent(bundle: &Bundle, facts: &super::PatientFacts, candidates: &[Candidate]) -> bool {
+    facts.gp_dissent || detect_dissent(bundle, candidates)
+}
+
+/// Does any candidate from a GP practice carry a dissent code?
+pub fn detect_dissent(bundle: &Bundle, candidates: &[Candidate]) -> bool {
     candidates.iter().any(|c| {
         c.sources.iter().any(|s| s.kind == SourceKind::GpPractice)
             && bundle.codes.carries_dissent(&c.resource)
@@ -580,7 +586,7 @@ pub fn evaluate(
     candidates: Vec<Candidate>,
     alerts: &AlertLog,
 ) -> Decision {
-    let dissent = gp_dissent(bundle, &candidates);
+    let dissent = gp_dissent(bundle, req.patient, &candidates);
     let total = candidates.len();
     let (sit, verdicts) = match run(bundle, req, &candidates, dissent, false) {
         Ok(x) => x,
@@ -633,19 +639,12 @@ pub fn evaluate(
     }
 }
 
-/// Explain one candidate. `gp_dissent` overrides dissent detection (a case may simply state
-/// it); `None` detects it from the candidate itself.
-pub fn explain(
-    bundle: &Bundle,
-    req: &PolicyRequest,
-    candidate: &Candidate,
-    gp_dissent: Option<bool>,
-) -> Explanation {
+/// Explain one candidate: dissent as stated in the facts or detected from the candidate.
+pub fn explain(bundle: &Bundle, req: &PolicyRequest, candidate: &Candidate) -> Explanation {
     let refused = admit(bundle, req, &AlertLog::default())
         .err()
         .map(|d| d.to_string());
-    let dissent =
-        gp_dissent.unwrap_or_else(|| self::gp_dissent(bundle, std::slice::from_ref(candidate)));
+    let dissent = gp_dissent(bundle, req.patient, std::slice::from_ref(candidate));
     let mut categories = bundle.codes.categories_of(&candidate.resource);
     if is_practice_confidential(&candidate.resource) {
         categories.insert(PRACTICE_CONFIDENTIAL.to_string());

@@ -90,6 +90,11 @@ pub struct PatientFacts {
     pub registered_gp: Option<OdsCode>,
     /// Organisations that answered with data for this patient.
     pub orgs_with_data: Vec<OdsCode>,
+    /// Dissent at the GP already known to the caller (extension). The engine also detects it
+    /// from the candidates; set this when the candidates may not include the GP's consent
+    /// record, e.g. a per-type search (`Condition?patient=`) whose answer holds no
+    /// Observations. [`PolicyEngine::gp_dissent`] tells it from any GP records.
+    pub gp_dissent: bool,
 }
 
 /// A merged resource and every organisation that reported it.
@@ -244,14 +249,15 @@ impl PolicyEngine {
     }
 
     /// Which policies decided each source of one candidate, and why. Raises no alerts.
-    pub fn explain(
-        &self,
-        req: &PolicyRequest,
-        candidate: &Candidate,
-        gp_dissent: Option<bool>,
-    ) -> Explanation {
+    pub fn explain(&self, req: &PolicyRequest, candidate: &Candidate) -> Explanation {
         let bundle = self.current.load();
-        decide::explain(&bundle, req, candidate, gp_dissent)
+        decide::explain(&bundle, req, candidate)
+    }
+
+    /// Whether these candidates show dissent recorded at the GP (a GP-sourced record carrying a
+    /// dissent code). For callers that hold GP records outside the candidates they judge.
+    pub fn gp_dissent(&self, candidates: &[Candidate]) -> bool {
+        decide::detect_dissent(&self.current.load(), candidates)
     }
 
     pub fn reloads(&self) -> ReloadStats {

@@ -77,6 +77,7 @@ fn facts(restricted: bool) -> PatientFacts {
         restricted,
         registered_gp: Some(OdsCode::new(GP)),
         orgs_with_data: vec![OdsCode::new(TRUST), OdsCode::new(GP)],
+        gp_dissent: false,
     }
 }
 
@@ -283,9 +284,9 @@ fn no_relationship_means_demographics_only_and_a_self_claim_is_alerted() {
 #[test]
 fn relationship_is_established_by_registered_gp_or_data() {
     let f = PatientFacts {
-        restricted: false,
         registered_gp: Some(OdsCode::new(GP)),
         orgs_with_data: vec![OdsCode::new(TRUST)],
+        ..PatientFacts::default()
     };
     let at_gp = who("R8000", GP);
     assert_eq!(
@@ -606,7 +607,6 @@ fn explain_names_the_deciding_policy_and_its_file() {
     let x = e.explain(
         &Ask::new(&p, &f).req(),
         &trust(res("Condition", &["8098009"])),
-        None,
     );
     assert!(!x.released);
     assert_eq!(x.categories, vec!["sexually-transmitted-infection"]);
@@ -618,11 +618,7 @@ fn explain_names_the_deciding_policy_and_its_file() {
     assert!(pol.line > 1);
     assert!(x.summary.contains("sensitive-withheld"), "{}", x.summary);
 
-    let x = e.explain(
-        &Ask::new(&p, &f).req(),
-        &trust(res("Condition", &["1"])),
-        None,
-    );
+    let x = e.explain(&Ask::new(&p, &f).req(), &trust(res("Condition", &["1"])));
     assert!(x.released);
     assert_eq!(x.sources[0].policies[0].id, "clinical-direct-care");
 
@@ -630,15 +626,14 @@ fn explain_names_the_deciding_policy_and_its_file() {
     let x = e.explain(
         &Ask::new(&admin, &f).req(),
         &trust(res("Condition", &["1"])),
-        None,
     );
     assert!(x.summary.contains("deny by default"), "{}", x.summary);
 
-    let x = e.explain(
-        &Ask::new(&p, &f).req(),
-        &gp(res("Condition", &["1"])),
-        Some(true),
-    );
+    let fd = PatientFacts {
+        gp_dissent: true,
+        ..f.clone()
+    };
+    let x = e.explain(&Ask::new(&p, &fd).req(), &gp(res("Condition", &["1"])));
     assert!(x.sources[0].floor.is_some());
     assert!(x.sources[0].policies.iter().any(|p| p.id == "gp-dissent"));
 }
@@ -1223,6 +1218,7 @@ mod prop {
             let p = Principal { sub: "p".into(), role, org: OdsCode::new(org), purpose };
             let f = PatientFacts {
                 restricted,
+                gp_dissent: false,
                 registered_gp: Some(OdsCode::new(GP)),
                 orgs_with_data: with_data.into_iter().map(OdsCode::new).collect(),
             };
@@ -1278,4 +1274,26 @@ fn a_policy_on_source_organisation_is_honoured() {
         ],
     );
     assert_eq!(ids(&d), vec!["Condition-1"]);
+}
+
+#[test]
+fn dissent_known_from_elsewhere_applies_to_a_per_type_search() {
+    // A Condition search carries no consent Observation; the facade tells the engine instead.
+    let e = engine();
+    let p = who("R8000", TRUST);
+    let consent = gp(res("Observation", &["416409005"]));
+    assert!(e.gp_dissent(&[consent, trust(res("Condition", &["2"]))]));
+    assert!(!e.gp_dissent(&[trust(res("Observation", &["416409005"]))]));
+    let f = PatientFacts {
+        gp_dissent: true,
+        ..facts(false)
+    };
+    let d = e.evaluate(
+        &Ask::new(&p, &f).req(),
+        vec![
+            gp(res("Condition", &["1"])),
+            trust(res("Condition", &["2"])),
+        ],
+    );
+    assert_eq!(ids(&d), vec!["Condition-2"]);
 }
