@@ -270,31 +270,34 @@ fn situation(
         )
         .map_err(|e| format!("entities: {e}"))?;
     let reason = req.break_glass.map(str::trim).filter(|r| !r.is_empty());
-    // Whether the role may break glass is asked without break glass in the context.
     let plain = context(restricted, gp_dissent, relationship, None, req.now)?;
     let asked_ok = role_known
         && !req.principal.purpose.trim().is_empty()
         && ask(bundle, &base, &user, "ask", service()?, &plain, true)?.allowed;
-    let bg_allowed = role_known
+    // Break glass is asked about only when a reason was given, in the context it would run
+    // in, so a policy may test the reason or the time.
+    let mut bg_allowed = false;
+    let mut ctx = plain;
+    if let Some(reason) = reason
+        && role_known
         && asked_ok
-        && ask(
+    {
+        let emergency = context(restricted, gp_dissent, relationship, Some(reason), req.now)?;
+        bg_allowed = ask(
             bundle,
             &base,
             &user,
             "break-glass",
             service()?,
-            &plain,
+            &emergency,
             true,
         )?
         .allowed;
-    let break_glass = reason.is_some() && bg_allowed;
-    let ctx = if break_glass {
-        let ctx = context(restricted, gp_dissent, relationship, reason, req.now)?;
-        ask(bundle, &base, &user, "break-glass", service()?, &ctx, true)?;
-        ctx
-    } else {
-        plain
-    };
+        if bg_allowed {
+            ctx = emergency;
+        }
+    }
+    let break_glass = bg_allowed;
     Ok((
         Situation {
             role_known,

@@ -1297,3 +1297,34 @@ fn dissent_known_from_elsewhere_applies_to_a_per_type_search() {
     );
     assert_eq!(ids(&d), vec!["Condition-2"]);
 }
+
+#[test]
+fn break_glass_policies_can_use_the_time_and_the_reason() {
+    let (_tmp, dir) = scratch();
+    let text = std::fs::read_to_string(dir.join("break-glass.cedar")).unwrap();
+    let text = text.replace(
+        "permit (principal in RoleGroup::\"emergency\", action == Action::\"break-glass\", resource);",
+        "permit (principal in RoleGroup::\"emergency\", action == Action::\"break-glass\", resource)\n\
+         when { context.now < datetime(\"2030-01-01T00:00:00Z\") && context.breakGlassReason like \"*resus*\" };",
+    );
+    std::fs::write(dir.join("break-glass.cedar"), text).unwrap();
+    let e = PolicyEngine::load(&dir).unwrap();
+    let f = facts(false);
+    let p = who("R8000", OTHER);
+    let mut a = Ask::new(&p, &f);
+    a.break_glass = Some("in resus now");
+    assert!(e.admit(&a.req()).unwrap().break_glass);
+    let mut late = a.req();
+    late.now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000); // 2030-03
+    assert_eq!(
+        e.admit(&late),
+        Err(Denied::BreakGlassNotAllowed("R8000".into()))
+    );
+    assert!(
+        e.evaluate(&late, vec![trust(res("Condition", &["1"]))])
+            .released
+            .is_empty()
+    );
+    a.break_glass = Some("curious");
+    assert!(e.admit(&a.req()).is_err());
+}
