@@ -1238,6 +1238,24 @@ mod prop {
                     c.sources.iter().any(|s| s.kind != SourceKind::GpPractice),
                     "released a GP-only resource under dissent: {c:?}"
                 );
+                // Never a sensitive or practice-confidential item, as shipped.
+                let codes: Vec<&str> = c.resource["code"]["coding"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x["code"].as_str()).collect())
+                    .unwrap_or_default();
+                prop_assert!(!codes.contains(&"8098009"), "released a sensitive item: {c:?}");
+                prop_assert!(c.resource.get("meta").is_none(), "released a NOPAT item: {c:?}");
+                if restricted && c.resource["resourceType"] == "Patient" {
+                    for field in ["address", "telecom", "generalPractitioner", "contact"] {
+                        prop_assert!(c.resource.get(field).is_none(), "restricted {field} leaked");
+                    }
+                }
+            }
+            if ![
+                "R8000", "R8001", "R8003", "R8004", "R8006", "R8008", "R8009", "R8010", "R0001", "R5105",
+            ]
+            .contains(&p.role.as_str()) {
+                prop_assert!(d.released.is_empty(), "unknown role {} got data", p.role);
             }
         }
     }
