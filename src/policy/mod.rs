@@ -57,6 +57,19 @@ pub use watch::WatchHandle;
 
 use load::Bundle;
 
+/// Loads `dir` for the gateway: every problem joined into one message (one per line), for a
+/// start-up error. Does not watch; call [`PolicyEngine::watch`] and keep the handle.
+pub fn load_for_serving(dir: &Path) -> Result<Arc<PolicyEngine>, String> {
+    PolicyEngine::load(dir).map_err(|diags| {
+        let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+        format!(
+            "policy directory {} is not valid:\n{}",
+            dir.display(),
+            lines.join("\n")
+        )
+    })
+}
+
 /// The policy in force, swapped whole on reload.
 #[derive(Debug)]
 pub struct PolicyEngine {

@@ -1346,3 +1346,16 @@ fn break_glass_policies_can_use_the_time_and_the_reason() {
     a.break_glass = Some("curious");
     assert!(e.admit(&a.req()).is_err());
 }
+
+#[test]
+fn load_for_serving_joins_every_problem() {
+    assert!(load_for_serving(&shipped()).is_ok());
+    let (_tmp, dir) = scratch();
+    std::fs::write(dir.join("a.cedar"), "permit (").unwrap();
+    std::fs::write(dir.join("b.cedar"), "forbid (").unwrap();
+    let err = load_for_serving(&dir).unwrap_err();
+    assert!(
+        err.contains("a.cedar:1:") && err.contains("b.cedar:1:"),
+        "{err}"
+    );
+}
