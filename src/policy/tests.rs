@@ -47,7 +47,7 @@ fn shipped_policy_cases_pass() {
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use connectors::{OdsCode, SourceKind};
@@ -959,8 +959,11 @@ fn reload_keeps_the_old_set_on_error_and_counts() {
     assert!(stats.last_errors.is_empty());
 }
 
+/// Polls `f` until it holds or `limit` passes. Real time on purpose: the watcher reacts to real
+/// file-system events on its own thread, which a paused tokio clock cannot drive. (tokio's
+/// Instant outside a runtime is the wall clock.)
 fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     while start.elapsed() < limit {
         if f() {
             return true;
@@ -1004,7 +1007,7 @@ fn watcher_applies_valid_changes_within_two_seconds_and_rejects_invalid_ones() {
     )
     .unwrap();
     let good = std::fs::read_to_string(shipped().join("baseline.cedar")).unwrap();
-    let changed_at = Instant::now();
+    let changed_at = tokio::time::Instant::now();
     std::fs::write(
         dir.join("baseline.cedar"),
         good.replace(
