@@ -218,7 +218,7 @@ impl PolicyEngine {
     }
 
     /// Re-reads `dir`: a valid set replaces the current one atomically; an invalid one is
-    /// logged, counted and dropped, and the current set stays. Returns whether it was accepted.
+    /// logged, counted and dropped, and the current set stays; Err carries its problems.
     pub fn reload(&self, dir: &Path) -> Result<(), Vec<Diagnostic>> {
         match load::load_dir(dir) {
             Ok(bundle) => {
