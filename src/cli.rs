@@ -33,6 +33,11 @@ enum Command {
     },
     /// Mint a bearer token signed with the demo key (demo only: the key is public).
     Token(TokenArgs),
+    /// Check, test and explain the sharing policies (for IG officers).
+    Policy {
+        #[command(subcommand)]
+        command: crate::policy::cli::PolicyCommand,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +94,7 @@ pub async fn run() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Policy { command } => command.run(),
         Command::Token(t) => {
             match auth::mint_demo_token(&t.sub, &t.role, &t.org, &t.purpose, t.ttl) {
                 Ok(token) => {
@@ -136,6 +142,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         auth: config.auth,
         audit_dir,
         policy: crate::policy::load_for_serving(&policies)?,
+        policy_dir: Some(policies),
         sources: config.sources,
     })
     .await?;

@@ -170,6 +170,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         },
         audit_dir,
         policy: crate::policy::load_for_serving(&args.policies)?,
+        policy_dir: Some(args.policies.clone()),
         sources,
     })
     .await?;
@@ -233,7 +234,9 @@ fn print_banner(
     println!("base URL {}", running.base_url);
     println!("admin URL {}", running.admin_url);
     println!("audit log {}", running.audit_path.display());
-    println!("A ready bearer token for a Clinical Practitioner (R8000) at {org}, valid for 8 hours:");
+    println!(
+        "A ready bearer token for a Clinical Practitioner (R8000) at {org}, valid for 8 hours:"
+    );
     println!("token {token}");
     for (nhs, label) in samples {
         println!("sample patient {} {}", nhs.expose(), label.as_str());

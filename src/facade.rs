@@ -24,6 +24,7 @@ use crate::{
     fhir::{FHIR_JSON, Issue, capability_statement, operation_outcome, searchset},
     gateway::{Answer, FederatedQuery, Gateway, QueryError},
     outcome::{Outcome, SourceOutcome},
+    policy::Denied,
     principal::Principal,
 };
 
@@ -574,7 +575,9 @@ async fn everything(
     };
     let warnings = params.leftovers(asked.strict)?;
     let self_url = format!("{}/Patient/{{nhs-number}}/$everything", f.base_url);
-    let answer = f.run(&asked, nhs, types, &req.0.0, "Patient.$everything").await?;
+    let answer = f
+        .run(&asked, nhs, types, &req.0.0, "Patient.$everything")
+        .await?;
     f.bundle(answer, &req.0.0, &self_url, warnings)
 }
 
@@ -648,7 +651,9 @@ async fn search_type(
     };
     let warnings = params.leftovers(asked.strict)?;
     let self_url = format!("{}/{ty}?patient={{nhs-number}}", f.base_url);
-    let answer = f.run(&asked, nhs, vec![resource_type], &req.0, "search-type").await?;
+    let answer = f
+        .run(&asked, nhs, vec![resource_type], &req.0, "search-type")
+        .await?;
     f.bundle(answer, &req.0, &self_url, warnings)
 }
 
@@ -733,6 +738,14 @@ impl Facade {
                 let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "transient", "the audit trail cannot be written, so nothing can be released: try again later");
                 err.issues[0].severity = "fatal";
                 err
+            }
+            QueryError::Denied(denied) => {
+                tracing::info!(code = denied.code(), "Refused by policy.");
+                match denied {
+                    Denied::BreakGlassWithoutReason => ApiError::bad_request(denied.to_string()),
+                    Denied::Internal => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", denied.to_string()),
+                    _ => ApiError::new(StatusCode::FORBIDDEN, "forbidden", denied.to_string()),
+                }
             }
         })
     }

@@ -131,3 +131,78 @@ async fn over_capacity_requests_are_shed_fast_with_503_retry_after_and_an_outcom
     assert_eq!(metadata.status, 200, "metadata is never shed");
     demo.stop().await;
 }
+
+/// Copies a directory's files (one level of subdirectories) into another.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn cache_hit_still_applies_a_policy_tightened_after_the_answer_was_cached() {
+    let dir = super::TempDir::new();
+    let policies = dir.0.join("policies");
+    copy_dir(
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies")),
+        &policies,
+    );
+    let demo = Demo::start(&["--policies", policies.to_str().unwrap()]).await;
+    let nhs = demo.patient("typical");
+    let path = format!("/Patient/{nhs}/$everything");
+    let loose = demo.get(&path).await;
+    assert_eq!(loose.status, 200, "{}", loose.text);
+    let clinical = |r: &super::Reply| {
+        r.resources()
+            .iter()
+            .filter(|res| res["resourceType"] != "Patient")
+            .count()
+    };
+    assert!(
+        clinical(&loose) > 0,
+        "the loose policy releases clinical data"
+    );
+    let patient_fetched = |r: &super::Reply| fetched_at(r).get(nhs.as_str()).cloned();
+    let fetched_before = patient_fetched(&loose);
+    assert!(fetched_before.is_some(), "{}", loose.text);
+
+    // Tighten: no clinical data for anyone. Policy hot-reload picks the edit up.
+    let mut baseline = std::fs::read_to_string(policies.join("baseline.cedar")).unwrap();
+    baseline.push_str(
+        "\n@id(\"test-tightened\")\n@reason(\"test: clinical data withheld from everyone\")\nforbid (principal, action == Action::\"read\", resource)\nwhen { resource.type != \"Patient\" };\n",
+    );
+    std::fs::write(policies.join("baseline.cedar"), baseline).unwrap();
+
+    // Bounded poll: the reload is asynchronous (file watcher + debounce).
+    let started = tokio::time::Instant::now();
+    let tight = loop {
+        let reply = demo.get(&path).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        if clinical(&reply) == 0 {
+            break reply;
+        }
+        assert!(
+            started.elapsed() < super::PATIENCE,
+            "the tightened policy was never applied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        patient_fetched(&tight),
+        fetched_before,
+        "the answer came from the cache, fetched before the policy changed"
+    );
+    assert!(
+        tight.issue_text().contains("withheld"),
+        "{}",
+        tight.issue_text()
+    );
+    demo.stop().await;
+}

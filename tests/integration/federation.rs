@@ -12,7 +12,12 @@ const REPORTED_BY: &str = "https://tributary.example.org/fhir/StructureDefinitio
 fn reported_by(resource: &Value) -> Vec<String> {
     resource["meta"]["extension"]
         .as_array()
-        .map(|e| e.iter().filter(|x| x["url"] == REPORTED_BY).map(|x| x["valueIdentifier"]["value"].as_str().unwrap().to_owned()).collect())
+        .map(|e| {
+            e.iter()
+                .filter(|x| x["url"] == REPORTED_BY)
+                .map(|x| x["valueIdentifier"]["value"].as_str().unwrap().to_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
