@@ -7,8 +7,8 @@
 //!
 //! # How it behaves
 //! - One moka cache for the whole gateway, bounded by weight in bytes (`max_bytes`: the
-//!   serialised size of each answer), keyed by source id + patient + the types asked (the
-//!   query's shape).
+//!   serialised size of each answer; the parsed `serde_json::Value`s take several times
+//!   that), keyed by source id + patient + the types asked (the query's shape).
 //! - Time to live per source kind (`[cache.ttl]`); zero means that kind is not cached.
 //! - Concurrent misses for one key are coalesced (`try_get_with`): one upstream call, every
 //!   waiter gets its answer. Errors are never cached.
@@ -53,7 +53,8 @@ pub const STALE_TAG_CODE: &str = "stale";
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSettings {
-    /// The most the cache holds, in bytes of answers.
+    /// The most the cache holds, in bytes of answers *as serialised JSON*. The parsed answers
+    /// held take several times that on the heap (BENCHMARKS.md, S9): size it accordingly.
     pub max_bytes: u64,
     /// How long an expired answer may still be served when its source fails; zero: never.
     #[serde(with = "humantime_serde")]

@@ -257,7 +257,10 @@ async fn hedge_counters(c: &HttpClient, gw: &Gateway) -> [u64; 4] {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let mut sum = [0; 4];
     for r in v["upstreams"].as_array().into_iter().flatten() {
-        for (i, k) in ["calls", "hedged", "hedge_won", "declined"].iter().enumerate() {
+        for (i, k) in ["calls", "hedged", "hedge_won", "declined"]
+            .iter()
+            .enumerate()
+        {
             sum[i] += r["status"]["hedge"][k].as_u64().unwrap_or(0);
         }
     }
@@ -602,13 +605,21 @@ async fn s3(env: &Env, common: &Common) -> Result<Report, String> {
         .await;
         let r1 = up.requests().await;
         let h = hedge_counters(&c, &gw).await;
-        report.measure(&format!("{name}: source calls / hedged / hedge won / declined (incl. warm-up)"), h[0] as f64, &format!("/ {} / {} / {}", h[1], h[2], h[3]));
+        report.measure(
+            &format!("{name}: source calls / hedged / hedge won / declined (incl. warm-up)"),
+            h[0] as f64,
+            &format!("/ {} / {} / {}", h[1], h[2], h[3]),
+        );
         results.push((p.clone(), (r1 - r0) as f64 / p.completed.max(1) as f64));
         report.phases.push(p);
         gw.stop().await;
     }
     let off = &results[0];
-    report.measure("upstream requests per gateway request, hedging off", off.1, "");
+    report.measure(
+        "upstream requests per gateway request, hedging off",
+        off.1,
+        "",
+    );
     for (label, on) in [("p95", &results[1]), ("p97", &results[2])] {
         report.measure(
             &format!("upstream requests per gateway request, hedging on ({label})"),
