@@ -6,9 +6,10 @@
 //! request, cached or not, and no caller ever reads another caller's filtered view.
 //!
 //! # How it behaves
-//! - One moka cache for the whole gateway, bounded by weight in bytes (`max_bytes`: the
-//!   serialised size of each answer; the parsed `serde_json::Value`s take several times
-//!   that), keyed by source id + patient + the types asked (the query's shape).
+//! - One moka cache for the whole gateway, bounded by weight in bytes (`max_bytes`: an
+//!   estimate of the heap each parsed answer holds, not its serialised size, which
+//!   undercounts it several times), keyed by source id + patient + the types asked (the
+//!   query's shape).
 //! - Time to live per source kind (`[cache.ttl]`); zero means that kind is not cached.
 //! - Concurrent misses for one key are coalesced (`try_get_with`): one upstream call, every
 //!   waiter gets its answer. Errors are never cached.
@@ -53,8 +54,8 @@ pub const STALE_TAG_CODE: &str = "stale";
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSettings {
-    /// The most the cache holds, in bytes of answers *as serialised JSON*. The parsed answers
-    /// held take several times that on the heap (BENCHMARKS.md, S9): size it accordingly.
+    /// The most the cache holds, in bytes: each answer weighs an estimate of the heap its
+    /// parsed JSON holds (several times its serialised size; BENCHMARKS.md, S9).
     pub max_bytes: u64,
     /// How long an expired answer may still be served when its source fails; zero: never.
     #[serde(with = "humantime_serde")]
@@ -388,14 +389,33 @@ fn stamp(mut record: SourceRecord, keep_for: Duration) -> Entry {
             json!({"url": FETCHED_AT_URL, "valueInstant": fetched}),
         );
     }
-    let bytes = serde_json::to_vec(&record.resources)
-        .map_or(u32::MAX, |v| u32::try_from(v.len()).unwrap_or(u32::MAX));
+    let heap: usize = record.resources.iter().map(heap_size).sum();
+    let bytes = u32::try_from(heap).unwrap_or(u32::MAX);
     Entry {
         record,
         fetched_at: Instant::now(),
         bytes,
         keep_for,
     }
+}
+
+/// An estimate of the heap a parsed JSON value holds, itself included: what the cache's
+/// byte bound weighs. Serialised size undercounts it several times over (every value is a
+/// 32-byte enum, every object entry a B-tree slot and a key string).
+fn heap_size(value: &Value) -> usize {
+    const VALUE: usize = std::mem::size_of::<Value>();
+    /// Per object entry: B-tree node share, the key's `String` header.
+    const ENTRY: usize = 48;
+    VALUE
+        + match value {
+            Value::String(s) => s.capacity(),
+            Value::Array(items) => items.iter().map(heap_size).sum(),
+            Value::Object(map) => map
+                .iter()
+                .map(|(k, v)| ENTRY + k.capacity() + heap_size(v))
+                .sum(),
+            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        }
 }
 
 fn label_stale(mut record: SourceRecord) -> SourceRecord {
@@ -642,7 +662,12 @@ mod tests {
             },
             Duration::from_secs(1),
         );
-        assert!(entry.bytes > 100 && entry.bytes < 400, "{}", entry.bytes);
+        let serialised = serde_json::to_vec(&entry.record.resources).unwrap().len() as u32;
+        assert!(
+            entry.bytes > serialised && entry.bytes < 4 * serialised,
+            "weighs the parsed heap: {} for {serialised} serialised bytes",
+            entry.bytes
+        );
         // 40 patients of ~200 bytes each cannot all fit in 2 KiB.
         let mut n = 0u64;
         for i in 0..4000u64 {
