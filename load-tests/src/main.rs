@@ -39,6 +39,9 @@ struct Common {
     /// Length of each measured phase.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     phase: Duration,
+    /// The cache bound for the cached scenarios (S7, S8, S9), MiB.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: u64,
     /// S9's whole soak.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     soak: Duration,
@@ -172,7 +175,7 @@ fn new_report(scenario: &str, title: &str, common: &Common) -> Report {
         scenario: scenario.into(),
         title: title.into(),
         command: format!(
-            "cargo run --release --manifest-path load-tests/Cargo.toml -- run --phase {} {}{scenario}",
+            "target/release/load-tests run --phase {} {}{scenario}",
             humantime::format_duration(common.phase),
             if scenario == "s9" {
                 format!("--soak {} ", humantime::format_duration(common.soak))
@@ -745,12 +748,14 @@ async fn cached_gateway(
     up: &Upstreams,
     extra: &str,
     c: &HttpClient,
+    cache_mib: u64,
 ) -> Result<(Gateway, Target), String> {
+    let cache_bytes = cache_mib * 1024 * 1024;
     let gw = Gateway::start(
         env,
         name,
         up,
-        &format!("[cache]\nmax_bytes = 268435456\n[cache.ttl]\ndefault = \"1h\"\n{extra}"),
+        &format!("[cache]\nmax_bytes = {cache_bytes}\n[cache.ttl]\ndefault = \"1h\"\n{extra}"),
     )
     .await?;
     let t = target(gw.everything_urls(&up.patients), gw.auth());
@@ -767,7 +772,7 @@ async fn s7(env: &Env, common: &Common) -> Result<Report, String> {
     );
     let up = Upstreams::start(env, "s7", &["--practices", "6", "--patients", "400"]).await?;
     let c = client();
-    let (gw, _) = cached_gateway(env, "s7", &up, "", &c).await?;
+    let (gw, _) = cached_gateway(env, "s7", &up, "", &c, common.cache_mib).await?;
     let patient = up.patients.first().ok_or("no patients")?;
     let url = format!("{}/Patient/{patient}/$everything", gw.base);
     let (_, body) = get_body(&c, &url, &gw.auth()).await?;
@@ -816,7 +821,15 @@ async fn s8(env: &Env, common: &Common) -> Result<Report, String> {
     );
     let up = Upstreams::start(env, "s8", &["--practices", "6", "--patients", "400"]).await?;
     let c = client();
-    let (gw, t) = cached_gateway(env, "s8", &up, "[shed]\nmax_in_flight = 64\n", &c).await?;
+    let (gw, t) = cached_gateway(
+        env,
+        "s8",
+        &up,
+        "[shed]\nmax_in_flight = 64\n",
+        &c,
+        common.cache_mib,
+    )
+    .await?;
     let peak = closed_loop("capacity (32 workers)", &c, &t, 32, common.phase).await;
     let rate = (peak.goodput_rps * 2.0).max(10.0);
     let over = open_loop(
@@ -857,7 +870,7 @@ async fn s9(env: &Env, common: &Common) -> Result<Report, String> {
     );
     let up = Upstreams::start(env, "s9", &["--practices", "6", "--patients", "2000"]).await?;
     let c = client();
-    let (gw, t) = cached_gateway(env, "s9", &up, "", &c).await?;
+    let (gw, t) = cached_gateway(env, "s9", &up, "", &c, common.cache_mib).await?;
     let peak = closed_loop("capacity (32 workers)", &c, &t, 32, common.phase).await;
     let rate = (peak.goodput_rps * 0.5).max(10.0);
     let minutes = (common.soak.as_secs() / 60).max(2);
