@@ -41,6 +41,13 @@ pub struct AuditSource<'a> {
 #[error("audit record could not be written: {0}")]
 pub struct AuditError(String);
 
+impl AuditError {
+    /// The write did not finish by the request's deadline.
+    pub fn timed_out() -> Self {
+        Self("the write did not finish before the request's deadline".to_owned())
+    }
+}
+
 /// The append-only audit log.
 #[derive(Debug)]
 pub struct AuditLog {

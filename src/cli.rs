@@ -142,6 +142,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         auth: config.auth,
         audit_dir,
         policy: crate::policy::load_for_serving(&policies)?,
+        public_base_url: config.public_base_url,
         policy_dir: Some(policies),
         sources: config.sources,
     })

@@ -34,6 +34,7 @@ pub struct Config {
     pub plan: PlanMode,
     pub auth: AuthSettings,
     pub audit_dir: Option<PathBuf>,
+    pub public_base_url: Option<String>,
     pub policies: Option<PathBuf>,
     pub sources: Vec<SourceConfig>,
 }
@@ -146,6 +147,12 @@ struct RawGateway {
     admin_listen: String,
     audit_dir: Option<PathBuf>,
     policies: Option<PathBuf>,
+    /// The base URL clients use (behind a load balancer or TLS terminator), e.g.
+    /// `https://scr.example.nhs.uk/fhir`; default: the facade's listening address.
+    public_base_url: Option<String>,
+    /// Serve the admin listener (alerts carry break-glass reasons) beyond loopback.
+    #[serde(default)]
+    admin_remote: bool,
 }
 
 fn default_listen() -> String {
@@ -333,6 +340,8 @@ impl Config {
                 admin_listen: default_admin_listen(),
                 audit_dir: None,
                 policies: None,
+                public_base_url: None,
+                admin_remote: false,
             })
         });
         let budget = budget.unwrap_or(Some(Budget::default()));
@@ -352,6 +361,22 @@ impl Config {
                         format_args!("{field} `{value}` is not an address like 127.0.0.1:8080"),
                     ),
                 }
+            }
+            if addresses
+                .1
+                .is_some_and(|a: SocketAddr| !a.ip().is_loopback())
+                && !g.admin_remote
+            {
+                p.at(
+                    None,
+                    "[gateway]",
+                    "admin_listen is not a loopback address: the admin listener serves Privacy Officer alerts without authentication; set admin_remote = true only behind an authenticating proxy",
+                );
+            }
+            if let Some(url) = g.public_base_url.as_ref().filter(|u| {
+                !(u.starts_with("http://") || u.starts_with("https://")) || u.ends_with('/')
+            }) {
+                p.at(None, "[gateway]", format_args!("public_base_url `{url}` must be an http(s) URL without a trailing slash, e.g. https://scr.example.nhs.uk/fhir"));
             }
         }
         if let Some(b) = &budget {
@@ -422,6 +447,22 @@ impl Config {
             let Some(s) = section::<RawSource>(&mut p, value, &what) else {
                 continue;
             };
+            // ODS codes are upper case; the same organisation under two ids would make their
+            // namespaced resource ids collide.
+            let ods = s.ods.trim().to_ascii_uppercase();
+            if let Some(other) = sources
+                .iter()
+                .find(|o: &&SourceConfig| o.ods.as_str() == ods)
+            {
+                p.at(
+                    Some(span.clone()),
+                    &what,
+                    format_args!(
+                        "ods {ods} is also source `{}`'s: one source per organisation",
+                        other.id
+                    ),
+                );
+            }
             if s.ods.is_empty() || !s.ods.chars().all(|c| c.is_ascii_alphanumeric()) {
                 p.at(
                     Some(span.clone()),
@@ -444,7 +485,7 @@ impl Config {
             }
             sources.push(SourceConfig {
                 id,
-                ods: OdsCode::new(s.ods),
+                ods: OdsCode::new(ods),
                 name: s.name,
                 kind: s.kind,
                 max_concurrency: s.max_concurrency,
@@ -482,6 +523,7 @@ impl Config {
                     plan,
                     auth,
                     audit_dir: gateway.audit_dir.map(|d| base.join(d)),
+                    public_base_url: gateway.public_base_url,
                     policies: gateway.policies.map(|d| base.join(d)),
                     sources,
                 })

@@ -170,6 +170,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         },
         audit_dir,
         policy: crate::policy::load_for_serving(&args.policies)?,
+        public_base_url: None,
         policy_dir: Some(args.policies.clone()),
         sources,
     })

@@ -29,6 +29,8 @@ use crate::{
 };
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// A caller's own request id, echoed back.
+pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
 const BREAK_GLASS: &str = "x-break-glass";
 const RELATIONSHIP: &str = "x-legitimate-relationship";
 /// Longest accepted break-glass or relationship reason, in bytes.
@@ -110,7 +112,8 @@ pub fn router(facade: Facade) -> Router {
 pub struct ApiError {
     status: StatusCode,
     issues: Vec<Issue>,
-    www_authenticate: bool,
+    /// The `WWW-Authenticate` challenge of a 401.
+    challenge: Option<&'static str>,
 }
 
 impl ApiError {
@@ -118,7 +121,7 @@ impl ApiError {
         Self {
             status,
             issues: vec![Issue::new("error", code, text)],
-            www_authenticate: false,
+            challenge: None,
         }
     }
 
@@ -132,7 +135,12 @@ impl From<AuthError> for ApiError {
         Self {
             status: StatusCode::UNAUTHORIZED,
             issues: vec![Issue::new("error", "login", e.to_string())],
-            www_authenticate: true,
+            challenge: Some(if e == AuthError::Missing {
+                // RFC 6750 3.1: no error code when the request carried no credentials.
+                "Bearer realm=\"tributary\""
+            } else {
+                "Bearer realm=\"tributary\", error=\"invalid_token\""
+            }),
         }
     }
 }
@@ -146,10 +154,10 @@ impl From<NhsNumberError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = fhir_response(self.status, &operation_outcome(&self.issues));
-        if self.www_authenticate {
+        if let Some(challenge) = self.challenge {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"tributary\", error=\"invalid_token\""),
+                HeaderValue::from_static(challenge),
             );
         }
         response
@@ -168,16 +176,19 @@ fn fhir_response(status: StatusCode, body: &Value) -> Response {
 /// Outermost layer: request id, content negotiation, a span and one log line per request.
 async fn envelope(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let request_id = request
+    // The gateway's own id names the request in audit records and Bundles; a caller's id
+    // is only echoed back (as a correlation id), never trusted.
+    let request_id = new_request_id();
+    let correlation = request
         .headers()
         .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
         .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            v.len() <= 64
+                && v.as_bytes()
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
         })
-        .map_or_else(new_request_id, str::to_owned);
+        .cloned();
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -198,6 +209,9 @@ async fn envelope(request: Request, next: Next) -> Response {
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, v);
+    }
+    if let Some(v) = correlation {
+        response.headers_mut().insert(CORRELATION_ID, v);
     }
     let status = response.status().as_u16();
     span.in_scope(|| {
@@ -254,7 +268,12 @@ fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
     let ok = accepts.iter().flat_map(|v| v.split(',')).any(|range| {
         let mut parts = range.split(';');
         let media = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
-        let refused = parts.any(|p| p.trim().replace(' ', "") == "q=0");
+        let refused = parts.any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
         !refused && (JSON_TYPES.contains(&media.as_str()) || media == "application/*")
     });
     if ok {
@@ -602,7 +621,10 @@ async fn type_search_post(
     let form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        .is_some_and(|v| {
+            v.to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        });
     if !form {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -683,7 +705,7 @@ fn unavailable(outcomes: &[SourceOutcome]) -> ApiError {
             StatusCode::BAD_GATEWAY
         },
         issues,
-        www_authenticate: false,
+        challenge: None,
     }
 }
 
@@ -828,6 +850,7 @@ mod tests {
         assert!(negotiate(&headers(&[("accept", "text/html, */*;q=0.8")]), None).is_ok());
         assert!(negotiate(&headers(&[("accept", "application/fhir+xml")]), None).is_err());
         assert!(negotiate(&headers(&[("accept", "application/json;q=0")]), None).is_err());
+        assert!(negotiate(&headers(&[("accept", "application/json;q=0.0")]), None).is_err());
         assert!(negotiate(&HeaderMap::new(), Some("_format=xml")).is_err());
         assert!(
             negotiate(
@@ -864,8 +887,14 @@ mod tests {
 
     #[test]
     fn leftover_parameters_warn_when_lenient_and_refuse_when_strict() {
-        let lenient = Params::parse(Some("patient=1&_count=5&_format=json")).leftovers(false);
-        assert!(lenient.is_ok());
+        let lenient = Params::parse(Some("_count=5&_format=json"))
+            .leftovers(false)
+            .unwrap();
+        assert_eq!(
+            lenient.len(),
+            1,
+            "_format is understood; _count is reported"
+        );
         let mut p = Params::parse(Some("patient=1&_count=5"));
         p.take("patient").unwrap();
         assert_eq!(p.leftovers(false).unwrap().len(), 1);

@@ -14,7 +14,7 @@ use crate::{
     config::Budget,
     fanout::{Source, fan_out, upstream_deadline},
     fhir::now_rfc3339,
-    merge::merge,
+    merge::{combine, prepare},
     outcome::{Outcome, SourceOutcome},
     plan::{Located, PlanMode, clinical_sources},
     policy::{Candidate, PatientFacts, PolicyEngine, PolicyRequest},
@@ -126,8 +126,8 @@ impl Gateway {
                 _ => None,
             })
             .collect();
-        let mut merged = info_span!("merge").in_scope(|| merge(&q.nhs_number, &answers));
-        if !merged.knows_patient() {
+        let mut prepared = info_span!("merge").in_scope(|| prepare(&q.nhs_number, &answers));
+        if !prepared.knows_patient() {
             let all_answered = outcomes.iter().all(|o| o.outcome.is_answered());
             self.audit(q, &outcomes, 0, false).await?;
             return Ok(if all_answered {
@@ -138,8 +138,8 @@ impl Gateway {
         }
 
         let decision = info_span!("policy").in_scope(|| {
-            merged.facts.gp_dissent = self.policy.gp_dissent(&merged.candidates);
-            let wanted: Vec<Candidate> = merged
+            prepared.facts.gp_dissent = self.policy.gp_dissent(&prepared.candidates);
+            let wanted: Vec<Candidate> = prepared
                 .candidates
                 .into_iter()
                 .filter(|c| {
@@ -150,13 +150,14 @@ impl Gateway {
                 })
                 .collect();
             self.policy
-                .evaluate(&self.policy_request(q, &merged.facts), wanted)
+                .evaluate(&self.policy_request(q, &prepared.facts), wanted)
         });
-        self.audit(q, &outcomes, decision.released.len(), decision.withheld_any)
+        let released = info_span!("merge").in_scope(|| combine(&q.nhs_number, decision.released));
+        self.audit(q, &outcomes, released.len(), decision.withheld_any)
             .instrument(info_span!("audit"))
             .await?;
         Ok(Answer::Record {
-            released: decision.released,
+            released,
             outcomes,
             withheld_any: decision.withheld_any,
         })
@@ -195,10 +196,10 @@ impl Gateway {
         let located = match &outcome.outcome {
             Outcome::Answered(record) if !record.knows_patient() => Located::Unknown,
             Outcome::Answered(record) => {
-                let merged = merge(&nhs, &[(outcome.source.as_ref(), record)]);
+                let facts = prepare(&nhs, &[(outcome.source.as_ref(), record)]).facts;
                 Located::Found {
-                    registered_gp: merged.facts.registered_gp,
-                    restricted: merged.facts.restricted,
+                    registered_gp: facts.registered_gp,
+                    restricted: facts.restricted,
                 }
             }
             other => {
@@ -237,6 +238,11 @@ impl Gateway {
             released,
             withheld,
         };
-        Ok(self.audit.write(&record).await?)
+        // Nothing is released unaudited, and nothing leaves after the deadline: a disk that
+        // stalls past it is a failed write (503), never a hung request.
+        match tokio::time::timeout_at(q.deadline, self.audit.write(&record)).await {
+            Ok(written) => Ok(written?),
+            Err(_) => Err(QueryError::Audit(crate::audit::AuditError::timed_out())),
+        }
     }
 }

@@ -39,6 +39,8 @@ pub struct Settings {
     pub policy: Arc<PolicyEngine>,
     /// Watched for changes: a valid edit is in force within 2 s.
     pub policy_dir: Option<PathBuf>,
+    /// The base URL clients use; default `http://{listen address}/fhir`.
+    pub public_base_url: Option<String>,
     pub sources: Vec<SourceConfig>,
 }
 
@@ -117,7 +119,10 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         .map_err(|e| format!("cannot listen on {}: {e}", settings.admin_listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
-    let base_url = format!("http://{addr}/fhir");
+    let base_url = settings
+        .public_base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}/fhir"));
 
     let (stop, stopped) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));

@@ -71,12 +71,21 @@ pub struct Claims {
     /// The caller's organisation's ODS code.
     pub org: String,
     pub purpose: String,
-    pub aud: String,
+    /// One audience or several (RFC 7519 allows both); jsonwebtoken checks ours is among them.
+    pub aud: Audience,
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+}
+
+/// The `aud` claim: a string or an array of strings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// One trusted public key.
@@ -197,7 +206,12 @@ impl Verifier {
         for key in candidates {
             let mut validation = Validation::new(key.algorithm);
             validation.set_audience(&[&self.audience]);
-            validation.set_required_spec_claims(&["exp", "aud", "sub"]);
+            // A configured issuer must be present, not merely right when present.
+            if self.issuer.is_some() {
+                validation.set_required_spec_claims(&["exp", "aud", "sub", "iss"]);
+            } else {
+                validation.set_required_spec_claims(&["exp", "aud", "sub"]);
+            }
             validation.leeway = self.leeway.as_secs();
             validation.validate_nbf = true;
             if let Some(iss) = &self.issuer {
@@ -246,7 +260,7 @@ fn principal_from(claims: Claims) -> Result<Principal, AuthError> {
     Ok(Principal {
         sub: claims.sub,
         role: claims.role,
-        org: OdsCode::new(claims.org),
+        org: OdsCode::new(claims.org.trim().to_ascii_uppercase()),
         purpose: claims.purpose,
     })
 }
@@ -268,7 +282,7 @@ pub fn mint_demo_token(
         role: role.to_owned(),
         org: org.to_owned(),
         purpose: purpose.to_owned(),
-        aud: DEMO_AUDIENCE.to_owned(),
+        aud: Audience::One(DEMO_AUDIENCE.to_owned()),
         exp: now + ttl.as_secs(),
         iat: Some(now),
         iss: None,
@@ -338,7 +352,7 @@ mod tests {
             role: "R8000".into(),
             org: "RXL".into(),
             purpose: "direct-care".into(),
-            aud: DEMO_AUDIENCE.into(),
+            aud: Audience::One(DEMO_AUDIENCE.into()),
             exp: 1_000,
             iat: None,
             iss: None,
@@ -373,6 +387,41 @@ mod tests {
         );
         let tampered = format!("{}.{forged}.{}", parts[0], parts[2]);
         assert_eq!(verifier().verify(&tampered), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn an_audience_array_is_accepted_and_a_configured_issuer_is_required() {
+        let claims = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"sub":"u1","role":"R8000","org":"RXL","purpose":"x","aud":["other","tributary"],"exp":99999999999u64});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            sign_demo(&c).unwrap()
+        };
+        assert!(verifier().verify(&claims(serde_json::json!({}))).is_ok());
+        let pinned = Verifier::new(
+            vec![TrustedKey::demo()],
+            DEMO_AUDIENCE,
+            Some("https://issuer.example".into()),
+        );
+        assert!(
+            matches!(
+                pinned.verify(&claims(serde_json::json!({}))),
+                Err(AuthError::BadClaims(_))
+            ),
+            "no iss at all"
+        );
+        assert!(matches!(
+            pinned.verify(&claims(serde_json::json!({"iss": "https://other.example"}))),
+            Err(AuthError::BadClaims(_))
+        ));
+        assert!(
+            pinned
+                .verify(&claims(
+                    serde_json::json!({"iss": "https://issuer.example"})
+                ))
+                .is_ok()
+        );
     }
 
     #[test]

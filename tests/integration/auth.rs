@@ -92,6 +92,12 @@ async fn each_bad_token_is_401_with_a_reason_and_a_challenge() {
             "{name}"
         );
         assert!(!reply.text.contains(&nhs), "{name}: no patient data");
+        let challenge = reply.headers["www-authenticate"].to_str().unwrap();
+        assert_eq!(
+            challenge.contains("error="),
+            name != "missing",
+            "{name}: RFC 6750 challenge {challenge}"
+        );
     }
     // Nothing was audited: nothing was disclosed.
     let audit = std::fs::read_to_string(demo.audit_dir.join("audit.jsonl")).unwrap_or_default();

@@ -59,6 +59,18 @@ fn source_of(r: &Value) -> String {
         .to_owned()
 }
 
+/// Every organisation named as reporting a resource.
+fn reporters(r: &Value) -> Vec<String> {
+    r["meta"]["extension"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter_map(|x| x["valueIdentifier"]["value"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn codes(r: &Value) -> Vec<String> {
     let mut out = Vec::new();
     collect_codes(r, &mut out);
@@ -324,6 +336,39 @@ async fn a_restricted_patient_has_no_address_telecom_or_gp_and_the_gp_is_not_ask
             !asked.iter().any(|o| o.starts_with(GP_PREFIX)),
             "a GP was asked about a restricted patient: {asked:?}"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_restricted_patient_stays_restricted_when_demographics_is_down_and_every_gp_is_asked() {
+    let demo = Demo::start(&["--fault", "X26=error"]).await;
+    let nhs = demo.patient("restricted");
+    let clinician = token("R8000", &demo.org());
+    let claim = [("x-legitimate-relationship", "admitted under my care")];
+    for path in [
+        format!("/Patient/{nhs}"),
+        format!("/Patient/{nhs}/$everything"),
+    ] {
+        let reply = demo.get_as(&path, &clinician, &claim).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text);
+        let resources = if reply.body["resourceType"] == "Bundle" {
+            reply.resources()
+        } else {
+            vec![reply.body.clone()]
+        };
+        for r in &resources {
+            for field in ["address", "telecom", "generalPractitioner", "contact"] {
+                assert!(r.get(field).is_none(), "{path}: {field} released");
+            }
+            assert!(
+                !source_of(r).starts_with(GP_PREFIX),
+                "{path}: GP data released"
+            );
+            assert!(
+                !reporters(r).iter().any(|o| o.starts_with(GP_PREFIX)),
+                "{path}: the GP is named: {r}"
+            );
+        }
     }
 }
 
