@@ -16,6 +16,12 @@ pub struct Cli {
     /// Log as JSON lines (stderr).
     #[arg(long, global = true)]
     log_json: bool,
+    /// Export traces over OTLP to this collector (also OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, global = true)]
+    otlp_endpoint: Option<String>,
+    /// OTLP protocol: http/protobuf (default) or grpc (also OTEL_EXPORTER_OTLP_PROTOCOL).
+    #[arg(long, global = true)]
+    otlp_protocol: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +39,19 @@ enum Command {
     },
     /// Mint a bearer token signed with the demo key (demo only: the key is public).
     Token(TokenArgs),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit files (oldest first; a directory means all its audit
+    /// files in order) and name the first bad record.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -67,10 +86,20 @@ struct TokenArgs {
 /// Parses the command line and runs it.
 pub async fn run() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_json);
-    match cli.command {
+    let telemetry = match telemetry::init(
+        cli.log_json,
+        &telemetry::OtlpSettings {
+            endpoint: cli.otlp_endpoint.clone(),
+            protocol: cli.otlp_protocol.clone(),
+        },
+    ) {
+        Ok(t) => t,
+        Err(e) => return report(Err(e)),
+    };
+    let code = match cli.command {
         Command::Demo(args) => report(demo::run(args).await),
         Command::Serve(args) => report(serve(args).await),
+        Command::Audit(AuditCommand::Verify { files }) => audit_verify(&files),
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
@@ -97,6 +126,32 @@ pub async fn run() -> ExitCode {
                 }
                 Err(e) => report(Err(e)),
             }
+        }
+    };
+    telemetry.shutdown();
+    code
+}
+
+fn audit_verify(files: &[PathBuf]) -> ExitCode {
+    match crate::audit::chain::verify(files) {
+        Ok(v) => {
+            match (v.first_seq, &v.head) {
+                (Some(first), Some((seq, hash))) => println!(
+                    "OK: {} records, seq {first} to {seq}, head {hash}{}",
+                    v.records,
+                    if first == 0 {
+                        ""
+                    } else {
+                        " (continues an earlier file)"
+                    }
+                ),
+                _ => println!("OK: no records"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(bad) => {
+            println!("FAILED: first bad record at {bad}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -134,6 +189,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         plan: config.plan,
         auth: config.auth,
         audit_dir,
+        audit_sync: true,
         policy: crate::policy::load_for_serving(&policies)?,
         sources: config.sources,
     })

@@ -87,7 +87,8 @@ impl Gateway {
             .instrument(info_span!("plan"))
             .await;
         if located == Located::Unknown {
-            self.audit(q, demographics_outcome.as_slice(), 0, false)
+            self.audit(q, demographics_outcome.as_slice(), 0, 0)
+                .instrument(info_span!("audit"))
                 .await?;
             return Ok(Answer::Unknown);
         }
@@ -97,8 +98,13 @@ impl Gateway {
         let mut outcomes = fan_out(&asked, &source_query, upstream)
             .instrument(info_span!("fan_out", sources = asked.len()))
             .await;
+        if let Some(slowest) = outcomes.iter().max_by_key(|o| o.elapsed) {
+            // On the request span, so "Request completed." names the source that set the pace.
+            let span = tracing::Span::current();
+            span.record("slowest_source", slowest.source.ods.as_str());
+            span.record("slowest_ms", slowest.elapsed.as_secs_f64() * 1e3);
+        }
         for o in &outcomes {
-            self.upstreams.record(o);
             if !o.outcome.is_answered() {
                 warn!(source = %o.source.ods, kind = o.source.kind.as_str(), outcome = o.outcome.code(), "Source did not answer in full.");
             }
@@ -115,7 +121,9 @@ impl Gateway {
         let merged = info_span!("merge").in_scope(|| merge(&q.nhs_number, &answers));
         if !merged.knows_patient() {
             let all_answered = outcomes.iter().all(|o| o.outcome.is_answered());
-            self.audit(q, &outcomes, 0, false).await?;
+            self.audit(q, &outcomes, 0, 0)
+                .instrument(info_span!("audit"))
+                .await?;
             return Ok(if all_answered {
                 Answer::Unknown
             } else {
@@ -132,8 +140,12 @@ impl Gateway {
                 now: SystemTime::now(),
                 request_id: q.request_id,
             };
-            self.policy.evaluate(&request, merged.candidates)
+            let candidates = merged.candidates.len();
+            let decision = self.policy.evaluate(&request, merged.candidates);
+            let withheld = candidates.saturating_sub(decision.released.len());
+            (decision, withheld)
         });
+        let (decision, withheld) = decision;
         let released: Vec<Candidate> = decision
             .released
             .into_iter()
@@ -144,7 +156,7 @@ impl Gateway {
                     .is_some_and(|t| q.types.contains(&t))
             })
             .collect();
-        self.audit(q, &outcomes, released.len(), decision.withheld_any)
+        self.audit(q, &outcomes, released.len(), withheld)
             .instrument(info_span!("audit"))
             .await?;
         Ok(Answer::Record {
@@ -168,7 +180,6 @@ impl Gateway {
         let outcome = demographics
             .call(SourceQuery::new(nhs, [ResourceType::Patient]), now + share)
             .await;
-        self.upstreams.record(&outcome);
         let located = match &outcome.outcome {
             Outcome::Answered(record) if !record.knows_patient() => Located::Unknown,
             Outcome::Answered(record) => {
@@ -191,11 +202,13 @@ impl Gateway {
         q: &FederatedQuery<'_>,
         outcomes: &[SourceOutcome],
         released: usize,
-        withheld: bool,
+        withheld: usize,
     ) -> Result<(), QueryError> {
+        let trace_id = crate::telemetry::current_trace_id();
         let record = AuditRecord {
             time: now_rfc3339(),
             request_id: q.request_id,
+            trace_id: trace_id.as_deref(),
             sub: &q.principal.sub,
             role: &q.principal.role,
             org: q.principal.org.as_str(),

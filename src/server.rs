@@ -35,6 +35,8 @@ pub struct Settings {
     pub plan: PlanMode,
     pub auth: AuthSettings,
     pub audit_dir: PathBuf,
+    /// `fdatasync` every audit commit; off only in benchmarks that price it (`demo` only).
+    pub audit_sync: bool,
     pub policy: Arc<PolicyEngine>,
     pub sources: Vec<SourceConfig>,
 }
@@ -65,12 +67,18 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
             },
         ));
     }
-    let audit = AuditLog::open(&settings.audit_dir)
-        .await
-        .map_err(|e| e.to_string())?;
+    let audit = AuditLog::open_with(
+        &settings.audit_dir,
+        crate::audit::WriterSettings {
+            rotate_bytes: crate::audit::DEFAULT_ROTATE_BYTES,
+            sync: settings.audit_sync,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let audit_path = audit.path().to_owned();
     let gateway = Arc::new(Gateway {
-        upstreams: UpstreamStats::new(sources.iter().map(|s| s.descriptor.clone()).collect()),
+        upstreams: UpstreamStats::new(sources.iter().map(|s| s.stats.clone()).collect()),
         sources,
         plan: settings.plan,
         budget: settings.budget,

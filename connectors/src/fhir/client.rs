@@ -114,7 +114,9 @@ impl Inner {
             self.base,
             utf8_percent_encode(&identifier, QUERY_VALUE)
         );
-        let Some(patient) = mapping::read_search(&self.get(&search).await?, &query.nhs_number)?
+        let trace = query.trace_context.as_deref();
+        let Some(patient) =
+            mapping::read_search(&self.get(&search, trace).await?, &query.nhs_number)?
         else {
             return Ok(SourceRecord::default());
         };
@@ -140,17 +142,21 @@ impl Inner {
             self.base,
             types.join(",")
         );
-        let body = self.get(&everything).await?;
+        let body = self.get(&everything, trace).await?;
         let mut resources =
             mapping::read_everything(&body, &query.nhs_number, id, |t| query.wants(t))?;
         resources.insert(0, patient);
         Ok(SourceRecord { resources })
     }
 
-    /// One GET; the body of a 2xx reply, read up to the size cap.
-    async fn get(&self, url: &str) -> Result<Bytes, ConnectorError> {
-        let request = Request::get(url)
-            .header(header::ACCEPT, "application/fhir+json")
+    /// One GET; the body of a 2xx reply, read up to the size cap. `traceparent` (W3C) goes
+    /// upstream as is, so the source's own traces join the gateway's.
+    async fn get(&self, url: &str, traceparent: Option<&str>) -> Result<Bytes, ConnectorError> {
+        let mut request = Request::get(url).header(header::ACCEPT, "application/fhir+json");
+        if let Some(tp) = traceparent {
+            request = request.header("traceparent", tp);
+        }
+        let request = request
             .body(Empty::new())
             .map_err(|_| ConnectorError::Malformed("request url is invalid".into()))?;
         let response = self.client.request(request).await.map_err(|e| {
