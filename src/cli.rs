@@ -189,7 +189,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         plan: config.plan,
         auth: config.auth,
         audit_dir,
-        audit_sync: true,
+        audit_mode: crate::audit::Mode::Durable,
         policy: crate::policy::load_for_serving(&policies)?,
         sources: config.sources,
     })

@@ -35,8 +35,8 @@ pub struct Settings {
     pub plan: PlanMode,
     pub auth: AuthSettings,
     pub audit_dir: PathBuf,
-    /// `fdatasync` every audit commit; off only in benchmarks that price it (`demo` only).
-    pub audit_sync: bool,
+    /// [`crate::audit::Mode::Durable`] except in benchmarks that price the audit trail.
+    pub audit_mode: crate::audit::Mode,
     pub policy: Arc<PolicyEngine>,
     pub sources: Vec<SourceConfig>,
 }
@@ -67,15 +67,9 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
             },
         ));
     }
-    let audit = AuditLog::open_with(
-        &settings.audit_dir,
-        crate::audit::WriterSettings {
-            rotate_bytes: crate::audit::DEFAULT_ROTATE_BYTES,
-            sync: settings.audit_sync,
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let audit = AuditLog::open_mode(&settings.audit_dir, settings.audit_mode)
+        .await
+        .map_err(|e| e.to_string())?;
     let audit_path = audit.path().to_owned();
     let gateway = Arc::new(Gateway {
         upstreams: UpstreamStats::new(sources.iter().map(|s| s.stats.clone()).collect()),

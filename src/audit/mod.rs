@@ -181,12 +181,39 @@ impl Alert {
 #[error("audit record could not be written: {0}")]
 pub struct AuditError(String);
 
+/// How records are kept. Only [`Mode::Durable`] is for service; the others exist so a
+/// benchmark can price the audit trail (`tributary demo --unsafe-audit off|no-sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Chained, written and `fdatasync`ed before the response leaves.
+    #[default]
+    Durable,
+    /// Chained and written, not synced: a crash can lose released records.
+    NoSync,
+    /// Nothing is recorded.
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "durable" => Ok(Self::Durable),
+            "no-sync" => Ok(Self::NoSync),
+            "off" => Ok(Self::Off),
+            _ => Err("audit mode is durable, no-sync or off".into()),
+        }
+    }
+}
+
 /// The append-only, hash-chained audit log.
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
     jobs: mpsc::Sender<writer::Job>,
     alerts: Arc<Mutex<VecDeque<Alert>>>,
+    discard: bool,
 }
 
 impl AuditLog {
@@ -200,6 +227,20 @@ impl AuditLog {
             },
         )
         .await
+    }
+
+    /// Opens the log in `mode` with default rotation.
+    pub async fn open_mode(dir: &Path, mode: Mode) -> Result<Self, AuditError> {
+        let mut log = Self::open_with(
+            dir,
+            WriterSettings {
+                rotate_bytes: DEFAULT_ROTATE_BYTES,
+                sync: mode == Mode::Durable,
+            },
+        )
+        .await?;
+        log.discard = mode == Mode::Off;
+        Ok(log)
     }
 
     /// Opens the log and starts its writer; fails when the directory or the active file
@@ -221,6 +262,7 @@ impl AuditLog {
             path: dir.join(writer::ACTIVE),
             jobs,
             alerts,
+            discard: false,
         })
     }
 
@@ -231,6 +273,9 @@ impl AuditLog {
 
     /// Appends one record; returns once it is on disk (synced), or fails.
     pub async fn write(&self, record: &AuditRecord<'_>) -> Result<(), AuditError> {
+        if self.discard {
+            return Ok(());
+        }
         let event = record.to_event();
         let alert = Alert::from_event(&event);
         let event = serde_json::to_vec(&event).map_err(|e| AuditError(e.to_string()))?;
