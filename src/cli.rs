@@ -86,13 +86,18 @@ struct TokenArgs {
 /// Parses the command line and runs it.
 pub async fn run() -> ExitCode {
     let cli = Cli::parse();
-    let telemetry = match telemetry::init(
-        cli.log_json,
-        &telemetry::OtlpSettings {
-            endpoint: cli.otlp_endpoint.clone(),
-            protocol: cli.otlp_protocol.clone(),
-        },
-    ) {
+    // The command line wins over `serve`'s config file, which wins over `OTEL_*`.
+    let from_config = match &cli.command {
+        Command::Serve(args) => Config::load(&args.config)
+            .map(|c| c.otlp)
+            .unwrap_or_default(),
+        _ => telemetry::OtlpSettings::default(),
+    };
+    let otlp = telemetry::OtlpSettings {
+        endpoint: cli.otlp_endpoint.clone().or(from_config.endpoint),
+        protocol: cli.otlp_protocol.clone().or(from_config.protocol),
+    };
+    let telemetry = match telemetry::init(cli.log_json, &otlp) {
         Ok(t) => t,
         Err(e) => return report(Err(e)),
     };

@@ -31,6 +31,8 @@ pub struct Config {
     pub auth: AuthSettings,
     pub audit_dir: Option<PathBuf>,
     pub policies: Option<PathBuf>,
+    /// Trace export (`[gateway] otlp_endpoint`, `otlp_protocol`); `OTEL_*` apply otherwise.
+    pub otlp: crate::telemetry::OtlpSettings,
     pub sources: Vec<SourceConfig>,
 }
 
@@ -98,6 +100,8 @@ struct RawGateway {
     admin_listen: String,
     audit_dir: Option<PathBuf>,
     policies: Option<PathBuf>,
+    otlp_endpoint: Option<String>,
+    otlp_protocol: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -247,6 +251,8 @@ impl Config {
                 admin_listen: default_admin_listen(),
                 audit_dir: None,
                 policies: None,
+                otlp_endpoint: None,
+                otlp_protocol: None,
             })
         });
         let budget = budget.unwrap_or(Some(Budget::default()));
@@ -390,6 +396,10 @@ impl Config {
                     auth,
                     audit_dir: gateway.audit_dir.map(|d| base.join(d)),
                     policies: gateway.policies.map(|d| base.join(d)),
+                    otlp: crate::telemetry::OtlpSettings {
+                        endpoint: gateway.otlp_endpoint,
+                        protocol: gateway.otlp_protocol,
+                    },
                     sources,
                 })
             }
