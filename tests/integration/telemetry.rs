@@ -220,6 +220,10 @@ async fn spans_arrive_as_one_tree_under_the_callers_trace_with_no_patient_data()
         assert!(call.attrs.contains_key("connector"), "{call:?}");
     }
     assert!(calls.iter().any(|c| c.attrs.contains_key("resources")));
+    assert!(
+        calls.iter().any(|c| c.attrs.contains_key("bytes")),
+        "FHIR source calls record the bytes read"
+    );
 
     // The last request (a 400) ends the run: wait for its span so the whole run is in.
     let got = wait_for(&spans, |g| {

@@ -106,6 +106,12 @@ impl Connector for FhirConnector {
     }
 }
 
+/// Bytes read from the source, on the caller's span if it has a `bytes` field (the
+/// gateway's `source_call` span does); a no-op otherwise.
+fn record_bytes(n: usize) {
+    tracing::Span::current().record("bytes", n);
+}
+
 impl Inner {
     async fn fetch(&self, query: &SourceQuery) -> Result<SourceRecord, ConnectorError> {
         let identifier = format!("{NHS_NUMBER_SYSTEM}|{}", query.nhs_number.expose());
@@ -115,9 +121,9 @@ impl Inner {
             utf8_percent_encode(&identifier, QUERY_VALUE)
         );
         let trace = query.trace_context.as_deref();
-        let Some(patient) =
-            mapping::read_search(&self.get(&search, trace).await?, &query.nhs_number)?
-        else {
+        let first = self.get(&search, trace).await?;
+        record_bytes(first.len());
+        let Some(patient) = mapping::read_search(&first, &query.nhs_number)? else {
             return Ok(SourceRecord::default());
         };
         let types: Vec<&str> = query
@@ -143,6 +149,7 @@ impl Inner {
             types.join(",")
         );
         let body = self.get(&everything, trace).await?;
+        record_bytes(first.len() + body.len());
         let mut resources =
             mapping::read_everything(&body, &query.nhs_number, id, |t| query.wants(t))?;
         resources.insert(0, patient);
