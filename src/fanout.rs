@@ -91,10 +91,12 @@ impl Source {
         let query = query.with_trace_context(telemetry::traceparent_for(&span));
         let flight = self.stats.begin();
         let started = Instant::now();
-        let result =
-            tower::util::ServiceExt::oneshot(self.service.clone(), SourceCall { query, deadline })
-                .instrument(span.clone())
-                .await;
+        let result = self
+            .service
+            .clone()
+            .oneshot(SourceCall { query, deadline })
+            .instrument(span.clone())
+            .await;
         let outcome = SourceOutcome {
             source: self.descriptor.clone(),
             outcome: Outcome::from_result(result),

@@ -98,18 +98,18 @@ impl Gateway {
         let mut outcomes = fan_out(&asked, &source_query, upstream)
             .instrument(info_span!("fan_out", sources = asked.len()))
             .await;
-        if let Some(slowest) = outcomes.iter().max_by_key(|o| o.elapsed) {
-            // On the request span, so "Request completed." names the source that set the pace.
-            let span = tracing::Span::current();
-            span.record("slowest_source", slowest.source.ods.as_str());
-            span.record("slowest_ms", slowest.elapsed.as_secs_f64() * 1e3);
-        }
         for o in &outcomes {
             if !o.outcome.is_answered() {
                 warn!(source = %o.source.ods, kind = o.source.kind.as_str(), outcome = o.outcome.code(), "Source did not answer in full.");
             }
         }
         outcomes.splice(0..0, demographics_outcome);
+        if let Some(slowest) = outcomes.iter().max_by_key(|o| o.elapsed) {
+            // On the request span, so "Request completed." names the source that set the pace.
+            let span = tracing::Span::current();
+            span.record("slowest_source", slowest.source.ods.as_str());
+            span.record("slowest_ms", slowest.elapsed.as_secs_f64() * 1e3);
+        }
 
         let answers: Vec<_> = outcomes
             .iter()
