@@ -307,8 +307,38 @@ fn dedup_key(resource: &Value) -> Option<String> {
     };
     let coding = concept["coding"].as_array()?.first()?;
     let (system, code) = (coding["system"].as_str()?, coding["code"].as_str()?);
-    let date = clinical_date(resource)?;
+    let date = normalised_instant(clinical_date(resource)?);
     Some(format!("{ty}|{system}|{code}|{date}"))
+}
+
+/// The same instant written by two systems compares equal: a dateTime with an offset becomes
+/// UTC at minute precision (a PAS writes `10:30+01:00`, a GP system `09:30:00Z`); a date or
+/// a dateTime that does not parse is kept as written.
+fn normalised_instant(date: &str) -> String {
+    use time::format_description::well_known::Rfc3339;
+    let with_seconds;
+    let candidate = match date.len() {
+        // YYYY-MM-DDThh:mm followed by Z or an offset: FHIR requires seconds, some senders omit them.
+        17 | 22 if date.as_bytes().get(13) == Some(&b':') => {
+            with_seconds = format!("{}:00{}", &date[..16], &date[16..]);
+            with_seconds.as_str()
+        }
+        _ => date,
+    };
+    match time::OffsetDateTime::parse(candidate, &Rfc3339) {
+        Ok(t) => {
+            let t = t.to_offset(time::UtcOffset::UTC);
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute()
+            )
+        }
+        Err(_) => date.to_owned(),
+    }
 }
 
 fn type_rank(resource: &Value) -> usize {
@@ -480,6 +510,34 @@ mod tests {
             imms[0].resource["patient"]["reference"], "Patient/9434765919",
             "references point at the federated patient"
         );
+    }
+
+    #[test]
+    fn the_same_instant_in_two_offsets_is_the_same_fact() {
+        assert_eq!(
+            normalised_instant("2024-07-01T10:30:00+01:00"),
+            normalised_instant("2024-07-01T09:30:00Z")
+        );
+        assert_eq!(
+            normalised_instant("2024-07-01T10:30+01:00"),
+            "2024-07-01T09:30Z"
+        );
+        assert_eq!(normalised_instant("2024-07-01"), "2024-07-01");
+        assert_eq!(normalised_instant("not a date"), "not a date");
+        let (gp, trust) = (
+            src("P81001", SourceKind::GpPractice),
+            src("RXL", SourceKind::Trust),
+        );
+        let condition = |id: &str, field: &str, when: &str| json!({"resourceType": "Condition", "id": id, "code": {"coding": [{"system": "http://snomed.info/sct", "code": "195967001"}]}, field: when});
+        let g = SourceRecord {
+            resources: vec![condition("c1", "onsetDateTime", "2024-07-01T09:30:00Z")],
+        };
+        let t = SourceRecord {
+            resources: vec![condition("d1", "recordedDate", "2024-07-01T10:30:00+01:00")],
+        };
+        let merged = merge(&nhs(), &[(&gp, &g), (&trust, &t)]);
+        assert_eq!(merged.candidates.len(), 1);
+        assert_eq!(merged.candidates[0].sources.len(), 2);
     }
 
     #[test]

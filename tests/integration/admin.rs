@@ -32,7 +32,15 @@ async fn upstreams_lists_every_source_with_kind_connector_and_last_outcome() {
     };
     assert_eq!(row("X26")["kind"], "demographics");
     assert_eq!(row("RXL")["kind"], "trust");
-    assert_eq!(row("RXR")["last_outcome"], "status");
+    assert_eq!(row("RXR")["last_outcome"], "rejected", "an HL7 v2 AE reply");
+    for trust in ["RXL", "RXN", "RXR", "RTX", "RW5"] {
+        assert_eq!(
+            row(trust)["connector"],
+            "hl7v2",
+            "{trust} is a PAS over MLLP"
+        );
+    }
+    assert_eq!(row("X26")["connector"], "fhir");
     assert_eq!(row("RXL")["last_outcome"], "answered");
     assert!(
         rows.iter()

@@ -284,3 +284,39 @@ async fn patients_out_lists_every_synthetic_patient_with_labels() {
         connectors::NhsNumber::parse(l.split(' ').next().unwrap()).is_ok_and(|n| n.is_test_range())
     }));
 }
+
+#[tokio::test]
+async fn trust_encounters_conditions_and_allergies_arrive_over_hl7v2() {
+    let dir = TempDir::new();
+    let file = dir.0.join("patients.txt");
+    let demo = Demo::start(&["--patients-out", file.to_str().unwrap()]).await;
+    let trusts = ["RXL", "RXN", "RXR", "RTX", "RW5"];
+    let mut seen = BTreeSet::new();
+    // Walk the region's patients until trusts have shown each kind (bounded).
+    for line in std::fs::read_to_string(&file).unwrap().lines().take(60) {
+        let nhs = line.split(' ').next().unwrap();
+        let reply = demo.get(&format!("/Patient/{nhs}/$everything")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        for r in reply.resources() {
+            let by: Vec<String> = r["meta"]["extension"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x["url"] == REPORTED_BY)
+                .map(|x| x["valueIdentifier"]["value"].as_str().unwrap().to_owned())
+                .collect();
+            if by.iter().any(|o| trusts.contains(&o.as_str())) {
+                seen.insert(r["resourceType"].as_str().unwrap().to_owned());
+            }
+        }
+        if ["Encounter", "Condition", "AllergyIntolerance"]
+            .iter()
+            .all(|t| seen.contains(*t))
+        {
+            break;
+        }
+    }
+    for ty in ["Patient", "Encounter", "Condition", "AllergyIntolerance"] {
+        assert!(seen.contains(ty), "no {ty} from a trust's PAS: {seen:?}");
+    }
+}

@@ -271,9 +271,14 @@ impl Region {
         let shared = b.gp_record(&local_ids, s, demographics.gender);
         for (n, ods) in s.trusts.iter().enumerate() {
             b.trust_record(&local_ids, ods, &shared);
-            // The shared immunisation exists only for patients labelled Duplicated.
-            if let (0, Some(imm)) = (n, &shared.immunisation) {
-                b.add(imm.code.clone(), imm.recorded, Detail::Immunization);
+            // The shared diagnosis exists only for patients labelled Duplicated: the trust's
+            // PAS holds it (DG1) and the GP coded it from the discharge letter.
+            if let (0, Some(dx)) = (n, &shared.diagnosis) {
+                b.add(
+                    dx.code.clone(),
+                    dx.recorded,
+                    Detail::Condition { active: true },
+                );
             }
         }
         if let Some(ods) = &s.council {
@@ -527,8 +532,8 @@ fn date_of(days: i64) -> Date {
 struct Shared {
     conditions: Vec<Code>,
     allergy: Option<(Code, Code)>,
-    /// An immunisation a trust also records (patients labelled Duplicated).
-    immunisation: Option<Item>,
+    /// A diagnosis a trust also records, at the same time (patients labelled Duplicated).
+    diagnosis: Option<Item>,
 }
 
 /// Builds one patient's items, one source at a time.
@@ -653,14 +658,18 @@ impl Builder {
             }
         }
         let mut conditions = Vec::new();
+        let mut diagnosis = None;
         for c in chronic {
             let onset = self.any_time();
             let since = day_number(onset.date);
-            self.add(
-                c.condition.clone(),
-                onset,
-                Detail::Condition { active: true },
-            );
+            let item = self
+                .add(
+                    c.condition.clone(),
+                    onset,
+                    Detail::Condition { active: true },
+                )
+                .clone();
+            diagnosis.get_or_insert(item);
             conditions.push(c.condition.clone());
             if let Some((med, dose)) = &c.medication {
                 let at = self.between(since, self.to);
@@ -696,8 +705,15 @@ impl Builder {
             let room = format!("Consulting Room {}", self.rng.random_range(1..6u32));
             self.encounter(cat::OUTPATIENT, "AMB", at, 15, room, doctor);
         }
+        if diagnosis.is_none() && s.has(Label::Duplicated) {
+            let at = self.any_time();
+            let code = cat::CHRONIC[0].condition.clone();
+            diagnosis = Some(
+                self.add(code, at, Detail::Condition { active: true })
+                    .clone(),
+            );
+        }
         // Older patients and those with long-term conditions have more immunisations.
-        let mut immunisation = None;
         let jabs = if age_years >= 65 || !conditions.is_empty() {
             2
         } else {
@@ -709,8 +725,7 @@ impl Builder {
             if code == cat::IMMUNISATIONS[0] {
                 at = self.flu_season(at);
             }
-            let item = self.add(code, at, Detail::Immunization).clone();
-            immunisation.get_or_insert(item);
+            self.add(code, at, Detail::Immunization);
         }
         if self.rng.random_bool(0.08) {
             let code = pick(&mut self.rng, &[cat::DEPRESSION, cat::ANXIETY]);
@@ -744,7 +759,7 @@ impl Builder {
         Shared {
             conditions,
             allergy,
-            immunisation: immunisation.filter(|_| s.has(Label::Duplicated)),
+            diagnosis: diagnosis.filter(|_| s.has(Label::Duplicated)),
         }
     }
 

@@ -82,14 +82,9 @@ pub async fn launch(
                 fhir::sim::serve(listener, records.clone(), spec.clone(), fault.clone()),
                 fhir_config(),
             ),
-            // HL7V2-MERGE: until the HL7 v2 branch lands, trusts are served by the FHIR
-            // simulator. Replace this arm's body with:
-            //   (crate::hl7v2::sim::serve(listener, records.clone(), spec.clone(), fault.clone()),
-            //    ConnectorConfig::Hl7v2(crate::hl7v2::Hl7v2Config {
-            //        address: format!("127.0.0.1:{port}"), max_frame_bytes: 4 * 1024 * 1024 }))
             Protocol::Hl7v2 => (
-                fhir::sim::serve(listener, records.clone(), spec.clone(), fault.clone()),
-                fhir_config(),
+                crate::hl7v2::sim::serve(listener, records.clone(), spec.clone(), fault.clone()),
+                ConnectorConfig::Hl7v2(crate::hl7v2::Hl7v2Config::new(format!("127.0.0.1:{port}"))),
             ),
         };
         launched.servers.push(server);

@@ -149,7 +149,7 @@ fn every_label_has_a_sample_with_its_property() {
     assert!(restricted.demographics.restricted);
 
     let duplicated = region.record(&sample(&region, Label::Duplicated)).unwrap();
-    assert!(has_shared_immunisation(&duplicated));
+    assert!(has_shared_diagnosis(&duplicated));
 
     let social = sample(&region, Label::SocialCare);
     let council = region.summary(&social).unwrap().council.clone().unwrap();
@@ -161,13 +161,13 @@ fn every_label_has_a_sample_with_its_property() {
     );
 }
 
-fn has_shared_immunisation(record: &super::model::PatientRecord) -> bool {
+fn has_shared_diagnosis(record: &super::model::PatientRecord) -> bool {
     let gp = &record.demographics.gp_ods;
     record.items_at(gp).any(|g| {
-        matches!(g.detail, Detail::Immunization)
+        matches!(g.detail, Detail::Condition { .. })
             && record.items.iter().any(|t| {
                 &t.source != gp
-                    && matches!(t.detail, Detail::Immunization)
+                    && matches!(t.detail, Detail::Condition { .. })
                     && t.code == g.code
                     && t.recorded == g.recorded
             })
@@ -182,7 +182,7 @@ fn labels_match_records_across_the_region() {
     for p in region.patients() {
         let record = region.record(&p.nhs_number).unwrap();
         assert_eq!(record.demographics.gp_ods, p.gp);
-        assert_eq!(p.has(Label::Duplicated), has_shared_immunisation(&record));
+        assert_eq!(p.has(Label::Duplicated), has_shared_diagnosis(&record));
         assert_eq!(p.has(Label::Restricted), record.demographics.restricted);
         assert_eq!(p.has(Label::SocialCare), p.council.is_some());
         assert_eq!(
@@ -277,9 +277,13 @@ async fn launch_starts_a_distinct_endpoint_per_source_and_they_answer() {
     // A typical patient's GP and first trust answer through connectors built from the configs.
     let patient = sample(&region, Label::Typical);
     let summary = region.summary(&patient).unwrap();
-    for ods in [&summary.gp, &summary.trusts[0]] {
+    for (ods, hl7v2) in [(&summary.gp, false), (&summary.trusts[0], true)] {
         let s = launched.by_ods(ods).unwrap();
-        assert!(matches!(s.config, ConnectorConfig::Fhir(_)));
+        assert_eq!(
+            matches!(s.config, ConnectorConfig::Hl7v2(_)),
+            hl7v2,
+            "trusts speak HL7 v2, GPs FHIR"
+        );
         let c = s
             .config
             .build(&s.spec.id, s.spec.ods.clone(), &s.spec.name, s.spec.kind)
