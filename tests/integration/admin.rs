@@ -74,7 +74,10 @@ async fn upstreams_table_has_rolling_percentiles_in_flight_and_breaker() {
     let rows = reply.body["upstreams"].as_array().unwrap();
     let rxr = rows.iter().find(|r| r["ods"] == "RXR").unwrap();
     assert_eq!(rxr["error_rate"], 1.0);
-    assert_eq!(rxr["last_error"], "status");
+    assert_eq!(
+        rxr["last_error"], "rejected",
+        "an HL7 v2 trust that errors rejects the query"
+    );
     assert_eq!(rxr["breaker"], "closed");
     assert_eq!(rxr["in_flight"], 0);
     let rxl = rows.iter().find(|r| r["ods"] == "RXL").unwrap();

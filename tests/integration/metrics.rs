@@ -22,7 +22,7 @@ async fn metrics_expose_requests_sources_and_audit_and_pass_promtool() {
     for needle in [
         r#"tributary_request_duration_seconds_count{route="/fhir/Patient/{id}/$everything",status="200"} 4"#,
         r#"tributary_request_duration_seconds_count{route="/fhir/Patient/{id}",status="400"} 1"#,
-        r#"tributary_source_call_duration_seconds_count{source="RXR",kind="trust",outcome="status"}"#,
+        r#"tributary_source_call_duration_seconds_count{source="RXR",kind="trust",outcome="rejected"}"#,
         r#"tributary_source_call_duration_seconds_bucket{source="RXL",kind="trust",outcome="answered",le="+Inf"}"#,
         r#"tributary_source_calls_in_flight{source="RXL"} 0"#,
         r#"tributary_source_breaker_state{source="RXL"} 0"#,
