@@ -29,7 +29,13 @@ use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
 use rand::RngCore;
 use tracing::{Span, field::Empty, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry,
+    filter::{LevelFilter, Targets},
+    fmt,
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
+};
 
 use crate::outcome::SourceOutcome;
 
@@ -77,21 +83,30 @@ pub fn init(json: bool, otlp: &OtlpSettings) -> Result<Telemetry, String> {
     } else {
         None
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("tributary")));
-    let text = (!json).then(|| fmt::layer().with_writer(std::io::stderr).with_target(false));
-    let json_layer = json.then(|| {
-        fmt::layer()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_target(false)
+    // Each layer filters on its own: RUST_LOG=warn quiets the logs without losing traces.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("tributary"))
+            .with_filter(
+                Targets::new()
+                    .with_default(LevelFilter::WARN)
+                    .with_target("tributary", LevelFilter::INFO)
+                    .with_target("connectors", LevelFilter::INFO),
+            )
     });
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        Box::new(
+            fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+    } else {
+        Box::new(fmt::layer().with_writer(std::io::stderr).with_target(false))
+    };
     // A second call (tests) keeps the first subscriber.
     let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(text)
-        .with(json_layer)
+        .with(logs.with_filter(filter))
         .with(otel)
         .try_init()
         .is_ok();

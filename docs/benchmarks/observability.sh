@@ -20,12 +20,17 @@ local i = math.random(#paths)
 request = function() i = i % #paths + 1; return wrk.format("GET", paths[i]) end
 LUA
 
-# name | audit mode | OTLP on?
-configs=("baseline|off|no" "telemetry|off|yes" "audit|durable|no" "audit-no-sync|no-sync|no" "both|durable|yes")
+# name | audit mode | OTLP: no, yes (every trace sampled) or a sampling ratio
+configs=("baseline|off|no" "telemetry|off|yes" "telemetry-10pct|off|0.1" "audit|durable|no"
+         "audit-no-sync|no-sync|no" "both|durable|yes")
+# ONLY=regex runs a subset, e.g. ONLY='^(baseline|audit)$' CONNS=128
+configs=($(printf '%s\n' "${configs[@]}" | grep -E "^(${ONLY:-.*})\|"))
 run() { # name audit otlp round
   local name=$1 audit=$2 otlp=$3 dir="$work/$1-$4"; mkdir -p "$dir"
   local env=(OTEL_SDK_DISABLED=true)
   [ "$otlp" = yes ] && env=(OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:14318 OTEL_TRACES_SAMPLER=always_on)
+  [ "$otlp" != yes ] && [ "$otlp" != no ] && env=(OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:14318
+    OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG="$otlp")
   env "${env[@]}" RUST_LOG=warn "$bin" demo --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:19090 \
     --practices 20 --patients 10000 --audit-dir "$dir/audit" --unsafe-audit "$audit" \
     --patients-out "$dir/patients.txt" >"$dir/out.log" 2>"$dir/err.log" &
@@ -36,6 +41,11 @@ run() { # name audit otlp round
   PATIENTS="$dir/patients.txt" TOKEN=$token wrk -t2 -c"$conns" -d3s -s "$work/load.lua" http://127.0.0.1:18080 >/dev/null
   PATIENTS="$dir/patients.txt" TOKEN=$token wrk -t2 -c"$conns" -d"${secs}s" --latency -s "$work/load.lua" \
     http://127.0.0.1:18080 >"$dir/wrk.txt"
+  # What the audit writer did: mean group-commit time and size.
+  curl -s --noproxy '*' http://127.0.0.1:19090/metrics | awk -v n="$name" '
+    /^tributary_audit_commit_duration_seconds_sum/ {s=$2} /^tributary_audit_commit_duration_seconds_count/ {c=$2}
+    /^tributary_audit_commit_records_sum/ {r=$2}
+    END { if (c > 0) printf "  %s: %d commits, mean %.2f ms, mean %.1f records each\n", n, c, 1000*s/c, r/c }' >&2
   kill "$pid"; wait "$pid" 2>/dev/null || true
   local rps p50 p99 non2xx
   rps=$(awk '/^Requests\/sec/ {print $2}' "$dir/wrk.txt")

@@ -130,6 +130,8 @@ async fn spans_arrive_as_one_tree_under_the_callers_trace_with_no_patient_data()
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
             ("OTEL_SERVICE_NAME", "tributary-test"),
+            // Quiet logs must not cost the traces.
+            ("RUST_LOG", "warn"),
         ],
     )
     .await;
@@ -235,6 +237,10 @@ async fn spans_arrive_as_one_tree_under_the_callers_trace_with_no_patient_data()
         .await
         .text;
     let logs = demo.stop().await;
+    assert!(
+        logs.contains("Source did not answer in full."),
+        "warnings were logged"
+    );
     let everything: Vec<String> = got
         .iter()
         .flat_map(|s| {
