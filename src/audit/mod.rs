@@ -29,6 +29,10 @@ pub use writer::WriterSettings;
 
 /// Extension URLs for what AuditEvent has no element for.
 const EXT: &str = "https://tributary.example.org/fhir/StructureDefinition/audit-";
+/// The longest a request waits for its record to be on disk; then it is a 503 (the record
+/// may still land later: audited, not released, which is harmless). A hung disk must not
+/// hang every clinician's screen.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Rotate `audit.jsonl` past this size unless configured otherwise.
 pub const DEFAULT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -280,7 +284,7 @@ impl AuditLog {
         let alert = Alert::from_event(&event);
         let event = serde_json::to_vec(&event).map_err(|e| AuditError(e.to_string()))?;
         let started = tokio::time::Instant::now();
-        let result = async {
+        let result = tokio::time::timeout(MAX_WAIT, async {
             let (done, committed) = oneshot::channel();
             self.jobs
                 .send(writer::Job { event, alert, done })
@@ -290,8 +294,9 @@ impl AuditLog {
                 .await
                 .map_err(|_| AuditError("the audit writer has stopped".into()))?
                 .map_err(AuditError)
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(AuditError("the disk did not confirm it in time".into())));
         crate::metrics::global().audit_write(started.elapsed(), result.is_ok());
         result
     }
