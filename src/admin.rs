@@ -45,7 +45,9 @@ async fn readyz(State(a): State<Admin>) -> Response {
     }
 }
 
-async fn metrics() -> Response {
+async fn metrics(State(a): State<Admin>) -> Response {
+    let reloads = a.gateway.policy.reloads();
+    crate::metrics::global().policy_reloads(reloads.accepted, reloads.rejected);
     let mut response = crate::metrics::global().render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -39,6 +39,11 @@ enum Command {
     },
     /// Mint a bearer token signed with the demo key (demo only: the key is public).
     Token(TokenArgs),
+    /// Check, test and explain the sharing policies (for IG officers).
+    Policy {
+        #[command(subcommand)]
+        command: crate::policy::cli::PolicyCommand,
+    },
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -123,6 +128,7 @@ pub async fn run() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Policy { command } => command.run(),
         Command::Token(t) => {
             match auth::mint_demo_token(&t.sub, &t.role, &t.org, &t.purpose, t.ttl) {
                 Ok(token) => {
@@ -196,6 +202,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         audit_dir,
         audit_mode: crate::audit::Mode::Durable,
         policy: crate::policy::load_for_serving(&policies)?,
+        policy_dir: Some(policies),
         sources: config.sources,
     })
     .await?;

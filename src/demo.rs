@@ -132,6 +132,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         audit_dir,
         audit_mode: args.audit_mode,
         policy: crate::policy::load_for_serving(&args.policies)?,
+        policy_dir: Some(args.policies.clone()),
         sources,
     })
     .await?;
@@ -180,12 +181,13 @@ fn print_banner(
 ) {
     let count = |k: SourceKind| region.sources().iter().filter(|s| s.kind == k).count();
     println!(
-        "Tributary demo region (seed {}): {} trusts, {} GP practices, {} councils, {} private providers, 1 demographics service; {} patients; {sources} sources, each on its own loopback port.",
+        "Tributary demo region (seed {}): trusts {}, GP practices {}, councils {}, private providers {}, demographics services {}; {} patients; {sources} sources, each on its own loopback port.",
         region.seed(),
         count(SourceKind::Trust),
         count(SourceKind::GpPractice),
         count(SourceKind::Council),
         count(SourceKind::PrivateProvider),
+        count(SourceKind::Demographics),
         region.patients().len(),
     );
     for (ods, fault) in faults {
@@ -194,7 +196,9 @@ fn print_banner(
     println!("base URL {}", running.base_url);
     println!("admin URL {}", running.admin_url);
     println!("audit log {}", running.audit_path.display());
-    println!("token for a Clinical Practitioner (R8000) at {org}, valid 8 hours:");
+    println!(
+        "A ready bearer token for a Clinical Practitioner (R8000) at {org}, valid for 8 hours:"
+    );
     println!("token {token}");
     for (nhs, label) in samples {
         println!("sample patient {} {}", nhs.expose(), label.as_str());

@@ -24,6 +24,7 @@ use crate::{
     fhir::{FHIR_JSON, Issue, capability_statement, operation_outcome, searchset},
     gateway::{Answer, FederatedQuery, Gateway, QueryError},
     outcome::{Outcome, SourceOutcome},
+    policy::Denied,
     principal::Principal,
     telemetry::{self, TraceParent},
 };
@@ -549,13 +550,10 @@ async fn everything(
     };
     let warnings = params.leftovers(asked.strict)?;
     let self_url = format!("{}/Patient/{{nhs-number}}/$everything", f.base_url);
-    match f
+    let answer = f
         .run(&asked, nhs, types, &req.0.0, "Patient.$everything")
-        .await?
-    {
-        Answer::Unknown => Err(unknown_patient()),
-        other => f.bundle(other, &req.0.0, &self_url, warnings),
-    }
+        .await?;
+    f.bundle(answer, &req.0.0, &self_url, warnings)
 }
 
 async fn type_search(
@@ -628,13 +626,10 @@ async fn search_type(
     };
     let warnings = params.leftovers(asked.strict)?;
     let self_url = format!("{}/{ty}?patient={{nhs-number}}", f.base_url);
-    match f
+    let answer = f
         .run(&asked, nhs, vec![resource_type], &req.0, "search-type")
-        .await?
-    {
-        Answer::Unknown => Err(unknown_patient()),
-        other => f.bundle(other, &req.0, &self_url, warnings),
-    }
+        .await?;
+    f.bundle(answer, &req.0, &self_url, warnings)
 }
 
 fn unknown_patient() -> ApiError {
@@ -719,9 +714,18 @@ impl Facade {
                 err.issues[0].severity = "fatal";
                 err
             }
+            QueryError::Denied(denied) => {
+                tracing::info!(code = denied.code(), "Refused by policy.");
+                match denied {
+                    Denied::BreakGlassWithoutReason => ApiError::bad_request(denied.to_string()),
+                    Denied::Internal => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", denied.to_string()),
+                    _ => ApiError::new(StatusCode::FORBIDDEN, "forbidden", denied.to_string()),
+                }
+            }
         })
     }
 
+    /// The searchset for an answer; an unknown patient is a 404, an unavailable one a 502/504.
     fn bundle(
         &self,
         answer: Answer,

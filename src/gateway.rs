@@ -17,7 +17,7 @@ use crate::{
     merge::merge,
     outcome::{Outcome, SourceOutcome},
     plan::{Located, PlanMode, clinical_sources},
-    policy::{Candidate, PolicyEngine, PolicyRequest},
+    policy::{Candidate, PatientFacts, PolicyEngine, PolicyRequest},
     principal::Principal,
     upstreams::UpstreamStats,
 };
@@ -72,29 +72,44 @@ pub enum Answer {
 pub enum QueryError {
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    /// Policy refuses the caller before any source is asked.
+    #[error("refused by policy: {0}")]
+    Denied(crate::policy::Denied),
 }
 
 impl Gateway {
     pub async fn query(&self, q: &FederatedQuery<'_>) -> Result<Answer, QueryError> {
+        // May this caller ask at all (role known, purpose stated, break glass allowed)?
+        let unknown_yet = PatientFacts::default();
+        if let Err(denied) = self.policy.admit(&self.policy_request(q, &unknown_yet)) {
+            crate::metrics::global().policy_rejection();
+            self.audit(q, &[], 0, 0, true).await?;
+            return Err(QueryError::Denied(denied));
+        }
+
+        // # Why every source is asked for the whole record
+        // Policy must judge a per-type search on the patient's whole record: dissent is a
+        // coded entry at the GP that a `Condition?patient=` search would not fetch, and the
+        // cache keys raw answers by source and patient, not by query shape. What the caller
+        // did not ask for is dropped before policy runs and never leaves the gateway.
         let upstream = upstream_deadline(q.deadline, self.budget.reserve);
-        let source_query = SourceQuery::new(
-            q.nhs_number,
-            q.types.iter().copied().chain([ResourceType::Patient]),
-        );
+        let source_query = SourceQuery::everything(q.nhs_number);
 
         let (demographics_outcome, located) = self
             .locate(q.nhs_number, upstream)
             .instrument(info_span!("plan"))
             .await;
         if located == Located::Unknown {
-            self.audit(q, demographics_outcome.as_slice(), 0, 0)
+            self.audit(q, demographics_outcome.as_slice(), 0, 0, false)
                 .instrument(info_span!("audit"))
                 .await?;
             return Ok(Answer::Unknown);
         }
 
-        let asked = clinical_sources(&self.sources, &located);
-        let asked: Vec<Source> = asked.into_iter().cloned().collect();
+        let asked: Vec<Source> = clinical_sources(&self.sources, &located)
+            .into_iter()
+            .cloned()
+            .collect();
         let mut outcomes = fan_out(&asked, &source_query, upstream)
             .instrument(info_span!("fan_out", sources = asked.len()))
             .await;
@@ -118,10 +133,10 @@ impl Gateway {
                 _ => None,
             })
             .collect();
-        let merged = info_span!("merge").in_scope(|| merge(&q.nhs_number, &answers));
+        let mut merged = info_span!("merge").in_scope(|| merge(&q.nhs_number, &answers));
         if !merged.knows_patient() {
             let all_answered = outcomes.iter().all(|o| o.outcome.is_answered());
-            self.audit(q, &outcomes, 0, 0)
+            self.audit(q, &outcomes, 0, 0, false)
                 .instrument(info_span!("audit"))
                 .await?;
             return Ok(if all_answered {
@@ -132,38 +147,48 @@ impl Gateway {
         }
 
         let decision = info_span!("policy").in_scope(|| {
-            let request = PolicyRequest {
-                principal: q.principal,
-                break_glass: q.break_glass,
-                relationship_claim: q.relationship_claim,
-                patient: &merged.facts,
-                now: SystemTime::now(),
-                request_id: q.request_id,
-            };
-            let candidates = merged.candidates.len();
-            let decision = self.policy.evaluate(&request, merged.candidates);
-            let withheld = candidates.saturating_sub(decision.released.len());
+            merged.facts.gp_dissent = self.policy.gp_dissent(&merged.candidates);
+            let wanted: Vec<Candidate> = merged
+                .candidates
+                .into_iter()
+                .filter(|c| {
+                    c.resource["resourceType"]
+                        .as_str()
+                        .and_then(ResourceType::parse)
+                        .is_some_and(|t| q.types.contains(&t))
+                })
+                .collect();
+            let asked = wanted.len();
+            let decision = self
+                .policy
+                .evaluate(&self.policy_request(q, &merged.facts), wanted);
+            let withheld = asked.saturating_sub(decision.released.len());
             (decision, withheld)
         });
         let (decision, withheld) = decision;
-        let released: Vec<Candidate> = decision
-            .released
-            .into_iter()
-            .filter(|c| {
-                c.resource["resourceType"]
-                    .as_str()
-                    .and_then(ResourceType::parse)
-                    .is_some_and(|t| q.types.contains(&t))
-            })
-            .collect();
-        self.audit(q, &outcomes, released.len(), withheld)
+        self.audit(q, &outcomes, decision.released.len(), withheld, false)
             .instrument(info_span!("audit"))
             .await?;
         Ok(Answer::Record {
-            released,
+            released: decision.released,
             outcomes,
             withheld_any: decision.withheld_any,
         })
+    }
+
+    fn policy_request<'a>(
+        &self,
+        q: &'a FederatedQuery<'_>,
+        patient: &'a PatientFacts,
+    ) -> PolicyRequest<'a> {
+        PolicyRequest {
+            principal: q.principal,
+            break_glass: q.break_glass,
+            relationship_claim: q.relationship_claim,
+            patient,
+            now: SystemTime::now(),
+            request_id: q.request_id,
+        }
     }
 
     /// Asks demographics (in locate mode) where the patient is registered.
@@ -203,6 +228,7 @@ impl Gateway {
         outcomes: &[SourceOutcome],
         released: usize,
         withheld: usize,
+        refused: bool,
     ) -> Result<(), QueryError> {
         let trace_id = crate::telemetry::current_trace_id();
         let record = AuditRecord {
@@ -226,6 +252,7 @@ impl Gateway {
                 .collect(),
             released,
             withheld,
+            refused,
         };
         Ok(self.audit.write(&record).await?)
     }

@@ -9,7 +9,8 @@
 //!
 //! Hooks for parts other branches own (they stay 0 until wired): [`Metrics::cache_hit`],
 //! [`Metrics::cache_miss`], [`Metrics::cache_entries`], [`Metrics::hedge`],
-//! [`Metrics::breaker_state`], [`Metrics::policy_reload`], [`Metrics::policy_rejection`].
+//! [`Metrics::breaker_state`]. Policy reloads are read from the engine at scrape time;
+//! policy rejections are counted where the gateway refuses a caller.
 
 use std::{
     collections::BTreeMap,
@@ -417,6 +418,12 @@ impl Metrics {
     pub fn policy_reload(&self, applied: bool) {
         self.policy_reloads
             .add(&[if applied { "applied" } else { "rejected" }], 1.0);
+    }
+
+    /// Sets the reload counters from the policy engine's own totals (read at scrape time).
+    pub fn policy_reloads(&self, applied: u64, rejected: u64) {
+        self.policy_reloads.set(&["applied"], applied as f64);
+        self.policy_reloads.set(&["rejected"], rejected as f64);
     }
 
     pub fn policy_rejection(&self) {

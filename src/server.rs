@@ -38,6 +38,8 @@ pub struct Settings {
     /// [`crate::audit::Mode::Durable`] except in benchmarks that price the audit trail.
     pub audit_mode: crate::audit::Mode,
     pub policy: Arc<PolicyEngine>,
+    /// Watched for changes: a valid edit is in force within 2 s.
+    pub policy_dir: Option<PathBuf>,
     pub sources: Vec<SourceConfig>,
 }
 
@@ -50,6 +52,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     ready: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<std::io::Result<()>>>,
+    _policy_watch: Option<crate::policy::WatchHandle>,
 }
 
 /// Builds the gateway and starts serving; returns once both listeners are bound.
@@ -67,6 +70,16 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
             },
         ));
     }
+    let policy_watch = match &settings.policy_dir {
+        Some(dir) => Some(
+            settings
+                .policy
+                .watch(dir)
+                .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let policy = settings.policy.clone();
     let audit = AuditLog::open_mode(&settings.audit_dir, settings.audit_mode)
         .await
         .map_err(|e| e.to_string())?;
@@ -105,7 +118,8 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
     let admin = admin::router(Admin {
         gateway,
         ready: ready.clone(),
-    });
+    })
+    .merge(crate::policy::admin_router(policy));
     let tasks = vec![
         serve(listener, facade, stopped.clone()),
         serve(admin_listener, admin, stopped),
@@ -118,6 +132,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         stop,
         ready,
         tasks,
+        _policy_watch: policy_watch,
     })
 }
 

@@ -94,6 +94,8 @@ pub fn init(json: bool, otlp: &OtlpSettings) -> Result<Telemetry, String> {
                     .with_target("connectors", LevelFilter::INFO),
             )
     });
+    // Colour only for a person at a terminal; files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs: Box<dyn Layer<Registry> + Send + Sync> = if json {
         Box::new(
             fmt::layer()
@@ -102,7 +104,12 @@ pub fn init(json: bool, otlp: &OtlpSettings) -> Result<Telemetry, String> {
                 .with_target(false),
         )
     } else {
-        Box::new(fmt::layer().with_writer(std::io::stderr).with_target(false))
+        Box::new(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .with_ansi(ansi),
+        )
     };
     // A second call (tests) keeps the first subscriber.
     let installed = tracing_subscriber::registry()

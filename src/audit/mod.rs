@@ -55,6 +55,8 @@ pub struct AuditRecord<'a> {
     /// is never told how many).
     pub released: usize,
     pub withheld: usize,
+    /// Policy refused the caller before any source was asked.
+    pub refused: bool,
 }
 
 #[derive(Debug)]
@@ -71,6 +73,9 @@ impl AuditRecord<'_> {
             json!({"url": format!("{EXT}released"), "valueInteger": self.released}),
             json!({"url": format!("{EXT}withheld"), "valueInteger": self.withheld}),
         ];
+        if self.refused {
+            extension.push(json!({"url": format!("{EXT}refused"), "valueBoolean": true}));
+        }
         if let Some(t) = self.trace_id {
             extension.push(json!({"url": format!("{EXT}trace-id"), "valueString": t}));
         }
@@ -109,8 +114,9 @@ impl AuditRecord<'_> {
             "subtype": [{"system": "https://tributary.example.org/fhir/CodeSystem/action", "code": self.action}],
             "action": "E",
             "recorded": self.time,
-            // 0 success; 4 minor failure: some sources did not answer in full.
-            "outcome": if all_answered { "0" } else { "4" },
+            // 0 success; 4 minor failure: some sources did not answer in full; 8 serious
+            // failure: refused by policy.
+            "outcome": if self.refused { "8" } else if all_answered { "0" } else { "4" },
             "purposeOfEvent": purpose,
             "agent": [
                 {
@@ -347,6 +353,7 @@ mod tests {
             }],
             released: 3,
             withheld: 1,
+            refused: false,
         }
     }
 

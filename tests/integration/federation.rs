@@ -8,6 +8,19 @@ use super::{Demo, TempDir};
 
 const REPORTED_BY: &str = "https://tributary.example.org/fhir/StructureDefinition/reported-by";
 
+/// Every organisation that reported a resource (its `reported-by` extensions).
+fn reported_by(resource: &Value) -> Vec<String> {
+    resource["meta"]["extension"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter(|x| x["url"] == REPORTED_BY)
+                .map(|x| x["valueIdentifier"]["value"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn ods_of(resource: &Value) -> String {
     let source = resource["meta"]["source"]
         .as_str()
@@ -91,25 +104,14 @@ async fn a_fact_two_organisations_record_appears_once_with_both_as_provenance() 
     let shared: Vec<_> = reply
         .resources()
         .into_iter()
-        .filter(|r| {
-            r["meta"]["extension"]
-                .as_array()
-                .is_some_and(|e| e.iter().filter(|x| x["url"] == REPORTED_BY).count() >= 2)
-                && r["resourceType"] != "Patient"
-        })
+        .filter(|r| r["resourceType"] != "Patient" && reported_by(r).len() >= 2)
         .collect();
     assert!(
         !shared.is_empty(),
         "some clinical resource is reported by two organisations"
     );
     for r in &shared {
-        let by: BTreeSet<_> = r["meta"]["extension"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|x| x["url"] == REPORTED_BY)
-            .map(|x| x["valueIdentifier"]["value"].as_str().unwrap().to_owned())
-            .collect();
+        let by: BTreeSet<_> = reported_by(r).into_iter().collect();
         assert!(by.len() >= 2, "two distinct organisations: {by:?}");
     }
 }
@@ -298,14 +300,7 @@ async fn trust_encounters_conditions_and_allergies_arrive_over_hl7v2() {
         let reply = demo.get(&format!("/Patient/{nhs}/$everything")).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
         for r in reply.resources() {
-            let by: Vec<String> = r["meta"]["extension"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|x| x["url"] == REPORTED_BY)
-                .map(|x| x["valueIdentifier"]["value"].as_str().unwrap().to_owned())
-                .collect();
-            if by.iter().any(|o| trusts.contains(&o.as_str())) {
+            if reported_by(&r).iter().any(|o| trusts.contains(&o.as_str())) {
                 seen.insert(r["resourceType"].as_str().unwrap().to_owned());
             }
         }

@@ -6,6 +6,7 @@ mod auth;
 mod errors;
 mod federation;
 mod metrics;
+mod policy;
 mod serve;
 mod telemetry;
 
@@ -71,10 +72,14 @@ impl Demo {
                 "--patients",
                 "400",
             ])
-            .args([
-                "--policies",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
-            ])
+            .args(if extra.contains(&"--policies") {
+                &[][..]
+            } else {
+                &[
+                    "--policies",
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+                ][..]
+            })
             .arg("--audit-dir")
             .arg(&audit_dir)
             .args(extra)
@@ -85,7 +90,7 @@ impl Demo {
             .spawn()
             .expect("spawn tributary");
         let stdout = child.stdout.take().unwrap();
-        let stderr = forward_lines(child.stderr.take().unwrap());
+        let mut stderr = forward_lines(child.stderr.take().unwrap());
         let mut lines = BufReader::new(stdout).lines();
         let (mut base, mut admin, mut token, mut samples) = (None, None, None, Vec::new());
         let started = tokio::time::Instant::now();
@@ -96,8 +101,15 @@ impl Demo {
             )
             .await
             .expect("demo did not become ready in time")
-            .expect("read stdout")
-            .expect("demo exited before it was ready");
+            .expect("read stdout");
+            let Some(line) = line else {
+                let mut logs = String::new();
+                while let Ok(l) = stderr.try_recv() {
+                    logs.push_str(&l);
+                    logs.push('\n');
+                }
+                panic!("demo exited before it was ready:\n{logs}");
+            };
             if let Some(v) = line.strip_prefix("base URL ") {
                 base = Some(v.to_owned());
             } else if let Some(v) = line.strip_prefix("admin URL ") {
