@@ -33,7 +33,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/upstreams", get(upstreams))
-        .route("/admin/alerts", get(alerts))
+        .route("/admin/audit/alerts", get(alerts))
         .with_state(admin)
 }
 
@@ -56,8 +56,8 @@ async fn metrics(State(a): State<Admin>) -> Response {
     response
 }
 
-/// Break-glass accesses, as committed to the audit trail (durable: rebuilt from the audit
-/// files at start). Each names its audit record, not the patient.
+/// `GET /admin/audit/alerts`: break-glass requests, as committed to the audit trail (durable:
+/// rebuilt from the audit files at start). Each names its audit record, not the patient.
 async fn alerts(State(a): State<Admin>) -> Response {
     Json(serde_json::json!({ "alerts": a.gateway.audit.alerts() })).into_response()
 }

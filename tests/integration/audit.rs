@@ -194,7 +194,13 @@ async fn records_are_audit_events_and_break_glass_feeds_durable_alerts() {
     assert_eq!(extension(e, "trace-id"), "4bf92f3577b34da6a3ce929d0e0e4736");
     assert!(extension(e, "released").as_u64().unwrap() > 0);
 
-    let alerts = send("GET", &format!("{}/admin/alerts", demo.admin), &[], None).await;
+    let alerts = send(
+        "GET",
+        &format!("{}/admin/audit/alerts", demo.admin),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(
         alerts.body["alerts"][0]["reason"],
         "patient unconscious in ED"
@@ -208,7 +214,13 @@ async fn records_are_audit_events_and_break_glass_feeds_durable_alerts() {
 
     // Rebuilt from disk by the next process.
     let demo = Demo::start_in(TempDir::new(), audit.0.clone(), &[]).await;
-    let alerts = send("GET", &format!("{}/admin/alerts", demo.admin), &[], None).await;
+    let alerts = send(
+        "GET",
+        &format!("{}/admin/audit/alerts", demo.admin),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(alerts.body["alerts"][0]["request_id"], request_id.as_str());
 }
 
