@@ -150,6 +150,8 @@ pub struct Alert {
     pub role: String,
     pub org: String,
     pub reason: String,
+    /// Policy refused the request (break glass asked for and not allowed): an attempt.
+    pub refused: bool,
 }
 
 impl Alert {
@@ -182,6 +184,7 @@ impl Alert {
                 .to_owned(),
             org: agent(1),
             reason,
+            refused: event["outcome"] == "8",
         })
     }
 }

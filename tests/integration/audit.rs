@@ -206,6 +206,10 @@ async fn records_are_audit_events_and_break_glass_feeds_durable_alerts() {
         "patient unconscious in ED"
     );
     assert_eq!(alerts.body["alerts"][0]["request_id"], request_id.as_str());
+    assert_eq!(
+        alerts.body["alerts"][0]["refused"], false,
+        "break glass was used"
+    );
     assert!(
         !alerts.text.contains(nhs.as_str()),
         "alerts name the record, not the patient"
