@@ -17,8 +17,13 @@ use connectors::{Connector, SourceDescriptor, SourceQuery, SourceRecord};
 use futures::{FutureExt, future::BoxFuture};
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
+use tracing::Instrument;
 
-use crate::outcome::{Outcome, SourceOutcome};
+use crate::{
+    outcome::{Outcome, SourceOutcome},
+    telemetry,
+    upstreams::SourceStats,
+};
 
 /// One call to one source: the query and the instant by which it must be over.
 #[derive(Debug, Clone)]
@@ -50,6 +55,8 @@ impl Default for StackSettings {
 pub struct Source {
     pub descriptor: Arc<SourceDescriptor>,
     pub service: SourceService,
+    /// Live statistics for `/admin/upstreams` and `/metrics`.
+    pub stats: Arc<SourceStats>,
 }
 
 impl std::fmt::Debug for Source {
@@ -70,25 +77,34 @@ impl Source {
             .concurrency_limit(settings.max_concurrency)
             .service(ConnectorService(connector));
         Self {
+            stats: Arc::new(SourceStats::new(descriptor.clone())),
             descriptor,
             service: BoxCloneSyncService::new(service),
         }
     }
 
-    /// Calls the source; never fails and never outlives `deadline`.
+    /// Calls the source; never fails and never outlives `deadline`. The call is a
+    /// `source_call` span, counted in this source's statistics, and carries the trace context
+    /// upstream.
     pub async fn call(&self, query: SourceQuery, deadline: Instant) -> SourceOutcome {
+        let span = telemetry::source_call_span(&self.descriptor);
+        let query = query.with_trace_context(telemetry::traceparent_for(&span));
+        let flight = self.stats.begin();
         let started = Instant::now();
         let result = self
             .service
             .clone()
             .oneshot(SourceCall { query, deadline })
+            .instrument(span.clone())
             .await;
-        let outcome = Outcome::from_result(result);
-        SourceOutcome {
+        let outcome = SourceOutcome {
             source: self.descriptor.clone(),
-            outcome,
+            outcome: Outcome::from_result(result),
             elapsed: started.elapsed(),
-        }
+        };
+        telemetry::finish_source_call(&span, &outcome);
+        flight.finish(&outcome);
+        outcome
     }
 }
 

@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod fhir;
 pub mod gateway;
 pub mod merge;
+pub mod metrics;
 pub mod outcome;
 pub mod plan;
 pub mod policy;
