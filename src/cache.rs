@@ -346,6 +346,7 @@ where
             let age = entry.fetched_at.elapsed();
             if age < self.ttl {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::global().cache_hit();
                 return Ok(entry.record.clone());
             }
             if age < self.ttl + stale_window {
@@ -355,6 +356,7 @@ where
             self.cache.store.invalidate(&key).await;
         }
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().cache_miss();
         let keep_for = self.ttl + stale_window;
         let inner = self.inner.clone();
         let fetched = self

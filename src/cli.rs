@@ -16,6 +16,12 @@ pub struct Cli {
     /// Log as JSON lines (stderr).
     #[arg(long, global = true)]
     log_json: bool,
+    /// Export traces over OTLP to this collector (also OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, global = true)]
+    otlp_endpoint: Option<String>,
+    /// OTLP protocol: http/protobuf (default) or grpc (also OTEL_EXPORTER_OTLP_PROTOCOL).
+    #[arg(long, global = true)]
+    otlp_protocol: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,6 +43,19 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: crate::policy::cli::PolicyCommand,
+    },
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit files (oldest first; a directory means all its audit
+    /// files in order) and name the first bad record.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -72,10 +91,25 @@ struct TokenArgs {
 /// Parses the command line and runs it.
 pub async fn run() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_json);
-    match cli.command {
+    // The command line wins over `serve`'s config file, which wins over `OTEL_*`.
+    let from_config = match &cli.command {
+        Command::Serve(args) => Config::load(&args.config)
+            .map(|c| c.otlp)
+            .unwrap_or_default(),
+        _ => telemetry::OtlpSettings::default(),
+    };
+    let otlp = telemetry::OtlpSettings {
+        endpoint: cli.otlp_endpoint.clone().or(from_config.endpoint),
+        protocol: cli.otlp_protocol.clone().or(from_config.protocol),
+    };
+    let telemetry = match telemetry::init(cli.log_json, &otlp) {
+        Ok(t) => t,
+        Err(e) => return report(Err(e)),
+    };
+    let code = match cli.command {
         Command::Demo(args) => report(demo::run(args).await),
         Command::Serve(args) => report(serve(args).await),
+        Command::Audit(AuditCommand::Verify { files }) => audit_verify(&files),
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
@@ -103,6 +137,32 @@ pub async fn run() -> ExitCode {
                 }
                 Err(e) => report(Err(e)),
             }
+        }
+    };
+    telemetry.shutdown();
+    code
+}
+
+fn audit_verify(files: &[PathBuf]) -> ExitCode {
+    match crate::audit::chain::verify(files) {
+        Ok(v) => {
+            match (v.first_seq, &v.head) {
+                (Some(first), Some((seq, hash))) => println!(
+                    "OK: {} records, seq {first} to {seq}, head {hash}{}",
+                    v.records,
+                    if first == 0 {
+                        ""
+                    } else {
+                        " (continues an earlier file)"
+                    }
+                ),
+                _ => println!("OK: no records"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(bad) => {
+            println!("FAILED: first bad record at {bad}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -141,6 +201,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         plan: config.plan,
         auth: config.auth,
         audit_dir,
+        audit_mode: crate::audit::Mode::Durable,
         policy: crate::policy::load_for_serving(&policies)?,
         public_base_url: config.public_base_url,
         policy_dir: Some(policies),

@@ -36,6 +36,8 @@ pub struct Config {
     pub audit_dir: Option<PathBuf>,
     pub public_base_url: Option<String>,
     pub policies: Option<PathBuf>,
+    /// Trace export (`[gateway] otlp_endpoint`, `otlp_protocol`); `OTEL_*` apply otherwise.
+    pub otlp: crate::telemetry::OtlpSettings,
     pub sources: Vec<SourceConfig>,
 }
 
@@ -153,6 +155,8 @@ struct RawGateway {
     /// Serve the admin listener (alerts carry break-glass reasons) beyond loopback.
     #[serde(default)]
     admin_remote: bool,
+    otlp_endpoint: Option<String>,
+    otlp_protocol: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -342,6 +346,8 @@ impl Config {
                 policies: None,
                 public_base_url: None,
                 admin_remote: false,
+                otlp_endpoint: None,
+                otlp_protocol: None,
             })
         });
         let budget = budget.unwrap_or(Some(Budget::default()));
@@ -525,6 +531,10 @@ impl Config {
                     audit_dir: gateway.audit_dir.map(|d| base.join(d)),
                     public_base_url: gateway.public_base_url,
                     policies: gateway.policies.map(|d| base.join(d)),
+                    otlp: crate::telemetry::OtlpSettings {
+                        endpoint: gateway.otlp_endpoint,
+                        protocol: gateway.otlp_protocol,
+                    },
                     sources,
                 })
             }

@@ -48,6 +48,9 @@ pub struct DemoArgs {
     /// Ask every source instead of locating the GP through demographics.
     #[arg(long)]
     broadcast: bool,
+    /// Benchmarks only: `off` or `no-sync` prices the audit trail. Never in service.
+    #[arg(long = "unsafe-audit", hide = true, default_value = "durable")]
+    audit_mode: crate::audit::Mode,
     /// The request budget when the caller does not ask for less.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     budget: Duration,
@@ -169,6 +172,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             keys: vec![TrustedKey::demo()],
         },
         audit_dir,
+        audit_mode: args.audit_mode,
         policy: crate::policy::load_for_serving(&args.policies)?,
         public_base_url: None,
         policy_dir: Some(args.policies.clone()),

@@ -17,7 +17,7 @@ use connectors::{NhsNumber, NhsNumberError, ResourceType, nhs::NHS_NUMBER_SYSTEM
 use rand::RngCore;
 use serde_json::Value;
 use tokio::time::Instant;
-use tracing::{Instrument, error, info, info_span};
+use tracing::{Instrument, error, info};
 
 use crate::{
     auth::{AuthError, Verifier},
@@ -26,11 +26,15 @@ use crate::{
     outcome::{Outcome, SourceOutcome},
     policy::Denied,
     principal::Principal,
+    telemetry::{self, TraceParent},
 };
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// A caller's own request id, echoed back.
 pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+/// W3C Trace Context: the caller's trace, and ours back to the caller.
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACERESPONSE: HeaderName = HeaderName::from_static("traceresponse");
 const BREAK_GLASS: &str = "x-break-glass";
 const RELATIONSHIP: &str = "x-legitimate-relationship";
 /// Longest accepted break-glass or relationship reason, in bytes.
@@ -173,7 +177,8 @@ fn fhir_response(status: StatusCode, body: &Value) -> Response {
     response
 }
 
-/// Outermost layer: request id, content negotiation, a span and one log line per request.
+/// Outermost layer: request id, trace context, content negotiation, a span, one log line
+/// and the request metrics per request.
 async fn envelope(request: Request, next: Next) -> Response {
     let started = Instant::now();
     // The gateway's own id names the request in audit records and Bundles; a caller's id
@@ -195,7 +200,13 @@ async fn envelope(request: Request, next: Next) -> Response {
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
     let method = request.method().clone();
-    let span = info_span!("request", request_id = %request_id, method = %method, route = %route);
+    let span = telemetry::request_span(method.as_str(), &route, &request_id);
+    let incoming = request
+        .headers()
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
+    let trace = telemetry::join_trace(&span, incoming);
 
     let mut response = match negotiate(request.headers(), request.uri().query()) {
         Err(e) => e.into_response(),
@@ -204,7 +215,9 @@ async fn envelope(request: Request, next: Next) -> Response {
             request
                 .extensions_mut()
                 .insert(RequestId(request_id.clone()));
-            next.run(request).instrument(span.clone()).await
+            telemetry::with_request_trace(trace, next.run(request))
+                .instrument(span.clone())
+                .await
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -213,11 +226,17 @@ async fn envelope(request: Request, next: Next) -> Response {
     if let Some(v) = correlation {
         response.headers_mut().insert(CORRELATION_ID, v);
     }
+    if let Ok(v) = HeaderValue::from_str(&trace.header()) {
+        response.headers_mut().insert(TRACERESPONSE, v);
+    }
     let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    crate::metrics::global().request(&route, status, elapsed);
+    span.record("http.response.status_code", status);
     span.in_scope(|| {
         info!(
             status,
-            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            duration_ms = elapsed.as_secs_f64() * 1e3,
             "Request completed."
         )
     });

@@ -21,12 +21,15 @@ use connectors::{Connector, SourceDescriptor, SourceQuery, SourceRecord};
 use futures::{FutureExt, future::BoxFuture};
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
+use tracing::Instrument;
 
 use crate::{
     breaker::{Breaker, BreakerService, BreakerSettings, BreakerState},
     cache::{AnswerCache, CacheCounters, CacheProbe, CacheService},
     hedge::{HedgeCounters, HedgeService, HedgeSettings, Hedger},
     outcome::{Outcome, SourceOutcome},
+    telemetry,
+    upstreams::SourceStats,
 };
 
 /// One call to one source: the query and the instant by which it must be over.
@@ -86,6 +89,8 @@ pub struct Source {
     pub descriptor: Arc<SourceDescriptor>,
     pub service: SourceService,
     probes: Probes,
+    /// Live statistics for `/admin/upstreams` and `/metrics`.
+    pub stats: Arc<SourceStats>,
 }
 
 impl std::fmt::Debug for Source {
@@ -129,6 +134,7 @@ impl Source {
             None => (guarded, None),
         };
         Self {
+            stats: Arc::new(SourceStats::new(descriptor.clone())),
             descriptor,
             service,
             probes: Probes {
@@ -158,24 +164,41 @@ impl Source {
         }
     }
 
-    /// Calls the source; never fails and never outlives `deadline`.
+    /// Calls the source; never fails and never outlives `deadline`. The call is a
+    /// `source_call` span, counted in this source's statistics, and carries the trace context
+    /// upstream.
     pub async fn call(&self, query: SourceQuery, deadline: Instant) -> SourceOutcome {
+        let span = telemetry::source_call_span(&self.descriptor);
+        let query = query.with_trace_context(telemetry::traceparent_for(&span));
+        let flight = self.stats.begin();
         let started = Instant::now();
         let result = match tokio::time::timeout_at(
             deadline,
-            self.service.clone().oneshot(SourceCall { query, deadline }),
+            self.service
+                .clone()
+                .oneshot(SourceCall { query, deadline })
+                .instrument(span.clone()),
         )
         .await
         {
             Ok(result) => result,
             Err(elapsed) => Err(BoxError::from(elapsed)),
         };
-        let outcome = Outcome::from_result(result);
-        SourceOutcome {
-            source: self.descriptor.clone(),
-            outcome,
-            elapsed: started.elapsed(),
+        if let Some(breaker) = &self.probes.breaker {
+            self.stats.set_breaker(match breaker.state() {
+                BreakerState::Closed => crate::metrics::BreakerState::Closed,
+                BreakerState::HalfOpen => crate::metrics::BreakerState::HalfOpen,
+                BreakerState::Open => crate::metrics::BreakerState::Open,
+            });
         }
+        let outcome = SourceOutcome {
+            source: self.descriptor.clone(),
+            outcome: Outcome::from_result(result),
+            elapsed: started.elapsed(),
+        };
+        telemetry::finish_source_call(&span, &outcome);
+        flight.finish(&outcome);
+        outcome
     }
 }
 

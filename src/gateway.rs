@@ -82,7 +82,8 @@ impl Gateway {
         // May this caller ask at all (role known, purpose stated, break glass allowed)?
         let unknown_yet = PatientFacts::default();
         if let Err(denied) = self.policy.admit(&self.policy_request(q, &unknown_yet)) {
-            self.audit(q, &[], 0, true).await?;
+            crate::metrics::global().policy_rejection();
+            self.audit(q, &[], 0, 0, true).await?;
             return Err(QueryError::Denied(denied));
         }
 
@@ -99,7 +100,8 @@ impl Gateway {
             .instrument(info_span!("plan"))
             .await;
         if located == Located::Unknown {
-            self.audit(q, demographics_outcome.as_slice(), 0, false)
+            self.audit(q, demographics_outcome.as_slice(), 0, 0, false)
+                .instrument(info_span!("audit"))
                 .await?;
             return Ok(Answer::Unknown);
         }
@@ -112,12 +114,17 @@ impl Gateway {
             .instrument(info_span!("fan_out", sources = asked.len()))
             .await;
         for o in &outcomes {
-            self.upstreams.record(o);
             if !o.outcome.is_answered() {
                 warn!(source = %o.source.ods, kind = o.source.kind.as_str(), outcome = o.outcome.code(), "Source did not answer in full.");
             }
         }
         outcomes.splice(0..0, demographics_outcome);
+        if let Some(slowest) = outcomes.iter().max_by_key(|o| o.elapsed) {
+            // On the request span, so "Request completed." names the source that set the pace.
+            let span = tracing::Span::current();
+            span.record("slowest_source", slowest.source.ods.as_str());
+            span.record("slowest_ms", slowest.elapsed.as_secs_f64() * 1e3);
+        }
 
         let answers: Vec<_> = outcomes
             .iter()
@@ -129,7 +136,9 @@ impl Gateway {
         let mut prepared = info_span!("merge").in_scope(|| prepare(&q.nhs_number, &answers));
         if !prepared.knows_patient() {
             let all_answered = outcomes.iter().all(|o| o.outcome.is_answered());
-            self.audit(q, &outcomes, 0, false).await?;
+            self.audit(q, &outcomes, 0, 0, false)
+                .instrument(info_span!("audit"))
+                .await?;
             return Ok(if all_answered {
                 Answer::Unknown
             } else {
@@ -149,11 +158,16 @@ impl Gateway {
                         .is_some_and(|t| q.types.contains(&t))
                 })
                 .collect();
-            self.policy
-                .evaluate(&self.policy_request(q, &prepared.facts), wanted)
+            let asked = wanted.len();
+            let decision = self
+                .policy
+                .evaluate(&self.policy_request(q, &prepared.facts), wanted);
+            let withheld = asked.saturating_sub(decision.released.len());
+            (decision, withheld)
         });
+        let (decision, withheld) = decision;
         let released = info_span!("merge").in_scope(|| combine(&q.nhs_number, decision.released));
-        self.audit(q, &outcomes, released.len(), decision.withheld_any)
+        self.audit(q, &outcomes, released.len(), withheld, false)
             .instrument(info_span!("audit"))
             .await?;
         Ok(Answer::Record {
@@ -192,7 +206,6 @@ impl Gateway {
         let outcome = demographics
             .call(SourceQuery::new(nhs, [ResourceType::Patient]), now + share)
             .await;
-        self.upstreams.record(&outcome);
         let located = match &outcome.outcome {
             Outcome::Answered(record) if !record.knows_patient() => Located::Unknown,
             Outcome::Answered(record) => {
@@ -215,11 +228,14 @@ impl Gateway {
         q: &FederatedQuery<'_>,
         outcomes: &[SourceOutcome],
         released: usize,
-        withheld: bool,
+        withheld: usize,
+        refused: bool,
     ) -> Result<(), QueryError> {
+        let trace_id = crate::telemetry::current_trace_id();
         let record = AuditRecord {
             time: now_rfc3339(),
             request_id: q.request_id,
+            trace_id: trace_id.as_deref(),
             sub: &q.principal.sub,
             role: &q.principal.role,
             org: q.principal.org.as_str(),
@@ -237,6 +253,7 @@ impl Gateway {
                 .collect(),
             released,
             withheld,
+            refused,
         };
         // Nothing is released unaudited, and nothing leaves after the deadline: a disk that
         // stalls past it is a failed write (503), never a hung request.

@@ -17,6 +17,7 @@ pub mod fhir;
 pub mod gateway;
 pub mod hedge;
 pub mod merge;
+pub mod metrics;
 pub mod outcome;
 pub mod plan;
 pub mod policy;

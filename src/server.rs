@@ -36,6 +36,8 @@ pub struct Settings {
     pub plan: PlanMode,
     pub auth: AuthSettings,
     pub audit_dir: PathBuf,
+    /// [`crate::audit::Mode::Durable`] except in benchmarks that price the audit trail.
+    pub audit_mode: crate::audit::Mode,
     pub policy: Arc<PolicyEngine>,
     /// Watched for changes: a valid edit is in force within 2 s.
     pub policy_dir: Option<PathBuf>,
@@ -91,14 +93,12 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         None => None,
     };
     let policy = settings.policy.clone();
-    let audit = AuditLog::open(&settings.audit_dir)
+    let audit = AuditLog::open_mode(&settings.audit_dir, settings.audit_mode)
         .await
         .map_err(|e| e.to_string())?;
     let audit_path = audit.path().to_owned();
-    let mut upstreams = UpstreamStats::new(sources.iter().map(|s| s.descriptor.clone()).collect());
-    upstreams.watch(&sources);
     let gateway = Arc::new(Gateway {
-        upstreams,
+        upstreams: UpstreamStats::new(sources.iter().map(|s| s.stats.clone()).collect()),
         sources,
         plan: settings.plan,
         budget: settings.budget,

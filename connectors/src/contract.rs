@@ -151,13 +151,34 @@ impl fmt::Display for ResourceType {
 }
 
 /// One question to one source: this patient's resources of these types.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// Equality and hashing look at the question only (patient and types), never at
+/// `trace_context`, so a cache keyed on `SourceQuery` is shared across requests.
+#[derive(Debug, Clone)]
 pub struct SourceQuery {
     pub nhs_number: NhsNumber,
     /// The types wanted, sorted and without repeats. The source's Patient resource is always
     /// returned when the source knows the patient, whatever this says, so that the gateway
     /// can check identity.
     pub resource_types: Vec<ResourceType>,
+    /// A W3C `traceparent` value for connectors whose protocol can carry it (FHIR over HTTP
+    /// sends it as a header); `None` when the gateway is not tracing this call.
+    pub trace_context: Option<String>,
+}
+
+impl PartialEq for SourceQuery {
+    fn eq(&self, other: &Self) -> bool {
+        self.nhs_number == other.nhs_number && self.resource_types == other.resource_types
+    }
+}
+
+impl Eq for SourceQuery {}
+
+impl std::hash::Hash for SourceQuery {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.nhs_number.hash(state);
+        self.resource_types.hash(state);
+    }
 }
 
 impl SourceQuery {
@@ -168,7 +189,14 @@ impl SourceQuery {
         Self {
             nhs_number,
             resource_types,
+            trace_context: None,
         }
+    }
+
+    /// The same question, carrying a W3C `traceparent` for the upstream.
+    pub fn with_trace_context(mut self, traceparent: Option<String>) -> Self {
+        self.trace_context = traceparent;
+        self
     }
 
     /// Every type the facade serves.

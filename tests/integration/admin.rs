@@ -62,3 +62,85 @@ async fn upstreams_lists_every_source_with_kind_connector_and_last_outcome() {
     );
     assert!(html.text.contains("<td>RXR</td>"));
 }
+
+#[tokio::test]
+async fn upstreams_table_has_rolling_percentiles_in_flight_and_breaker() {
+    let demo = Demo::start(&["--fault", "RXR=error"]).await;
+    for _ in 0..3 {
+        demo.get(&format!("/Patient/{}/$everything", demo.patient("typical")))
+            .await;
+    }
+    let reply = send("GET", &format!("{}/admin/upstreams", demo.admin), &[], None).await;
+    let rows = reply.body["upstreams"].as_array().unwrap();
+    let rxr = rows.iter().find(|r| r["ods"] == "RXR").unwrap();
+    assert_eq!(rxr["error_rate"], 1.0);
+    assert_eq!(
+        rxr["last_error"], "rejected",
+        "an HL7 v2 trust that errors rejects the query"
+    );
+    assert_eq!(rxr["breaker"], "closed");
+    assert_eq!(rxr["in_flight"], 0);
+    let rxl = rows.iter().find(|r| r["ods"] == "RXL").unwrap();
+    assert_eq!(rxl["window_calls"], 3);
+    assert!(rxl["p50_ms"].as_f64().unwrap() <= rxl["p99_ms"].as_f64().unwrap());
+    assert_eq!(rxl["error_rate"], 0.0);
+}
+
+/// The SRE page in a real browser: rendered, sorted slowest first, refreshing itself; and a
+/// screenshot of it is taken (kept in the target directory for a human to look at).
+#[tokio::test]
+async fn upstreams_page_renders_in_headless_chromium_slowest_first() {
+    let Some(chromium) = super::tool("chromium") else {
+        return;
+    };
+    let demo = Demo::start(&["--fault", "RXL=slow:400"]).await;
+    for (nhs, _) in demo.samples.clone().iter().take(3) {
+        demo.get(&format!("/Patient/{nhs}/$everything")).await;
+    }
+    let url = format!("{}/admin/upstreams", demo.admin);
+    let profile = super::TempDir::new();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(&chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--no-first-run",
+                "--window-size=1600,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.0.display()))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Chromium asks for text/html like any browser, and gets the page.
+    let dom = run(&["--dump-dom"]);
+    assert!(dom.contains("<table id=\"upstreams\">"), "{dom}");
+    assert!(
+        dom.contains("http-equiv=\"refresh\""),
+        "the page refreshes itself"
+    );
+    let first_row = dom.split("<tr ").nth(1).expect("a data row");
+    assert!(
+        first_row.contains("data-ods=\"RXL\""),
+        "the slow trust is the top row: {first_row}"
+    );
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-upstreams.png");
+    let _ = std::fs::remove_file(&shot);
+    run(&[&format!("--screenshot={}", shot.display())]);
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+}

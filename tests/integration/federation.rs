@@ -229,6 +229,14 @@ async fn every_request_is_audited_and_no_patient_data_reaches_the_logs() {
     }
     demo.get("/Patient/9434765918/$everything").await; // fails Modulus 11
     let audit = std::fs::read_to_string(demo.audit_dir.join("audit.jsonl")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&demo.audit_dir.join("audit.jsonl")),
+        0o600,
+        "the audit file is the gateway user's alone"
+    );
+    assert_eq!(mode(&demo.audit_dir), 0o700);
     let records: Vec<Value> = audit
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -238,15 +246,20 @@ async fn every_request_is_audited_and_no_patient_data_reaches_the_logs() {
         samples.len() * 2,
         "one record per data request"
     );
-    assert!(records.iter().all(|r| r["sub"] == "demo-clinician"
-        && r["role"] == "R8000"
-        && r["request_id"].is_string()));
+    // Each line is a hash-chained FHIR AuditEvent (see tests/integration/audit.rs).
+    assert!(records.iter().all(|r| {
+        let e = &r["event"];
+        e["resourceType"] == "AuditEvent"
+            && e["agent"][0]["who"]["identifier"]["value"] == "demo-clinician"
+            && e["agent"][0]["role"][0]["coding"][0]["code"] == "R8000"
+            && e["extension"][0]["valueString"].is_string()
+    }));
     assert!(records.iter().any(|r| {
-        r["sources"]
+        r["event"]["entity"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|s| s["outcome"] == "malformed")
+            .any(|s| s["detail"][0]["valueString"] == "malformed")
     }));
 
     let logs = demo.stop().await;

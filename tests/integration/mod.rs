@@ -1,12 +1,15 @@
 //! Shared harness: start the binary, read what it prints, talk HTTP to it.
 
 mod admin;
+mod audit;
 mod auth;
 mod budgets;
 mod errors;
 mod federation;
+mod metrics;
 mod policy;
 mod serve;
+mod telemetry;
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
@@ -48,6 +51,16 @@ impl Demo {
 
     /// As [`Demo::start`], with the audit log in `audit_dir` (which the test may prepare).
     pub async fn start_in(dir: TempDir, audit_dir: PathBuf, extra: &[&str]) -> Demo {
+        Self::start_env(dir, audit_dir, extra, &[]).await
+    }
+
+    /// As [`Demo::start_in`], with extra environment variables (e.g. `OTEL_*`).
+    pub async fn start_env(
+        dir: TempDir,
+        audit_dir: PathBuf,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Demo {
         let mut child = Command::new(BIN)
             .args([
                 "demo",
@@ -71,6 +84,7 @@ impl Demo {
             .arg("--audit-dir")
             .arg(&audit_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -258,6 +272,25 @@ pub async fn send(
         body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         text,
     }
+}
+
+/// An outside tool a test needs (`promtool`, `chromium`): its path, or `None` to skip the
+/// test when it is missing and `CI` is unset. Under `CI=true` a missing tool fails the test.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        assert!(
+            !ci,
+            "{name} is not installed and CI is set: .ci/run installs it (apt-get install prometheus chromium)"
+        );
+        eprintln!("SKIPPED: {name} is not installed (CI is unset); install it to run this test");
+    }
+    found
 }
 
 /// A directory removed on drop.

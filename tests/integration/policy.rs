@@ -326,11 +326,11 @@ async fn a_restricted_patient_has_no_address_telecom_or_gp_and_the_gp_is_not_ask
     let audit = std::fs::read_to_string(demo.audit_dir.join("audit.jsonl")).unwrap();
     for line in audit.lines() {
         let record: Value = serde_json::from_str(line).unwrap();
-        let asked: Vec<&str> = record["sources"]
-            .as_array()
-            .unwrap()
+        // Audit lines are hash-chained AuditEvents; entity[0] is the patient, then each
+        // source asked.
+        let asked: Vec<&str> = record["event"]["entity"].as_array().unwrap()[1..]
             .iter()
-            .map(|s| s["ods"].as_str().unwrap())
+            .map(|s| s["what"]["identifier"]["value"].as_str().unwrap())
             .collect();
         assert!(
             !asked.iter().any(|o| o.starts_with(GP_PREFIX)),

@@ -106,6 +106,12 @@ impl Connector for FhirConnector {
     }
 }
 
+/// Bytes read from the source, on the caller's span if it has a `bytes` field (the
+/// gateway's `source_call` span does); a no-op otherwise.
+fn record_bytes(n: usize) {
+    tracing::Span::current().record("bytes", n);
+}
+
 impl Inner {
     async fn fetch(&self, query: &SourceQuery) -> Result<SourceRecord, ConnectorError> {
         let identifier = format!("{NHS_NUMBER_SYSTEM}|{}", query.nhs_number.expose());
@@ -114,8 +120,10 @@ impl Inner {
             self.base,
             utf8_percent_encode(&identifier, QUERY_VALUE)
         );
-        let Some(patient) = mapping::read_search(&self.get(&search).await?, &query.nhs_number)?
-        else {
+        let trace = query.trace_context.as_deref();
+        let first = self.get(&search, trace).await?;
+        record_bytes(first.len());
+        let Some(patient) = mapping::read_search(&first, &query.nhs_number)? else {
             return Ok(SourceRecord::default());
         };
         let types: Vec<&str> = query
@@ -140,17 +148,22 @@ impl Inner {
             self.base,
             types.join(",")
         );
-        let body = self.get(&everything).await?;
+        let body = self.get(&everything, trace).await?;
+        record_bytes(first.len() + body.len());
         let mut resources =
             mapping::read_everything(&body, &query.nhs_number, id, |t| query.wants(t))?;
         resources.insert(0, patient);
         Ok(SourceRecord { resources })
     }
 
-    /// One GET; the body of a 2xx reply, read up to the size cap.
-    async fn get(&self, url: &str) -> Result<Bytes, ConnectorError> {
-        let request = Request::get(url)
-            .header(header::ACCEPT, "application/fhir+json")
+    /// One GET; the body of a 2xx reply, read up to the size cap. `traceparent` (W3C) goes
+    /// upstream as is, so the source's own traces join the gateway's.
+    async fn get(&self, url: &str, traceparent: Option<&str>) -> Result<Bytes, ConnectorError> {
+        let mut request = Request::get(url).header(header::ACCEPT, "application/fhir+json");
+        if let Some(tp) = traceparent {
+            request = request.header("traceparent", tp);
+        }
+        let request = request
             .body(Empty::new())
             .map_err(|_| ConnectorError::Malformed("request url is invalid".into()))?;
         let response = self.client.request(request).await.map_err(|e| {

@@ -584,3 +584,42 @@ fn every_item_kind_renders_as_its_r4_resource() {
         .collect();
     assert_eq!(seen, all);
 }
+
+#[tokio::test]
+async fn trace_context_goes_upstream_as_traceparent_and_is_not_part_of_the_question() {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = stream
+            .write_all(&ok_reply(
+                r#"{"resourceType":"Bundle","type":"searchset","total":0}"#,
+            ))
+            .await;
+        let _ = seen_tx.send(String::from_utf8_lossy(&seen).to_ascii_lowercase());
+    });
+    let _guard = AbortOnDrop(server);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let query = SourceQuery::everything(nhs("9000000009")).with_trace_context(Some(tp.into()));
+    assert_eq!(
+        query,
+        SourceQuery::everything(nhs("9000000009")),
+        "a cache keyed on the question ignores the trace"
+    );
+    let record = connector(base, SourceKind::GpPractice, 1 << 20)
+        .fetch(query)
+        .await
+        .unwrap();
+    assert!(record.resources.is_empty());
+    let head = seen_rx.await.unwrap();
+    assert!(head.contains(&format!("traceparent: {tp}")), "{head}");
+}
