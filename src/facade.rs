@@ -212,9 +212,14 @@ async fn envelope(request: Request, next: Next) -> Response {
         Err(e) => e.into_response(),
         Ok(()) => {
             let mut request = request;
+            let target = request
+                .uri()
+                .path_and_query()
+                .map_or("", |pq| pq.as_str())
+                .to_owned();
             request
                 .extensions_mut()
-                .insert(RequestId(request_id.clone()));
+                .insert(RequestId(request_id.clone(), target));
             telemetry::with_request_trace(trace, next.run(request))
                 .instrument(span.clone())
                 .await
@@ -250,7 +255,8 @@ fn new_request_id() -> String {
 }
 
 #[derive(Debug, Clone)]
-struct RequestId(String);
+/// The gateway's id for the request, and the request's path and query (for self links).
+struct RequestId(String, String);
 
 /// 406 unless the caller accepts FHIR JSON (by `Accept` or `_format`).
 fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
@@ -533,10 +539,7 @@ async fn patient_search(
             "Patient.search",
         )
         .await?;
-    let self_url = format!(
-        "{}/Patient?identifier={NHS_NUMBER_SYSTEM}|{}",
-        f.base_url, "{nhs-number}"
-    );
+    let self_url = f.self_link(&req.0);
     match answer {
         Answer::Unknown => Ok(fhir_response(
             StatusCode::OK,
@@ -612,7 +615,7 @@ async fn everything(
             .collect::<Result<_, _>>()?,
     };
     let warnings = params.leftovers(asked.strict)?;
-    let self_url = format!("{}/Patient/{{nhs-number}}/$everything", f.base_url);
+    let self_url = f.self_link(&req.0);
     let answer = f
         .run(&asked, nhs, types, &req.0.0, "Patient.$everything")
         .await?;
@@ -691,7 +694,7 @@ async fn search_type(
         }
     };
     let warnings = params.leftovers(asked.strict)?;
-    let self_url = format!("{}/{ty}?patient={{nhs-number}}", f.base_url);
+    let self_url = f.self_link(&req);
     let answer = f
         .run(&asked, nhs, vec![resource_type], &req.0, "search-type")
         .await?;
@@ -789,6 +792,32 @@ impl Facade {
                 }
             }
         })
+    }
+
+    /// The URL the caller asked, on the public base URL (`Bundle.link` self). The path and
+    /// query come from the request line, so they are already percent-encoded as sent.
+    fn self_link(&self, req: &RequestId) -> String {
+        let origin = self
+            .base_url
+            .strip_suffix("/fhir")
+            .unwrap_or(&self.base_url);
+        let path = req.1.strip_prefix("/fhir").unwrap_or(&req.1);
+        // Characters RFC 3986 allows nowhere in a URI (clients send `|` raw in tokens).
+        const NOT_IN_URIS: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+            .add(b' ')
+            .add(b'"')
+            .add(b'<')
+            .add(b'>')
+            .add(b'\\')
+            .add(b'^')
+            .add(b'`')
+            .add(b'{')
+            .add(b'|')
+            .add(b'}');
+        format!(
+            "{origin}/fhir{}",
+            percent_encoding::utf8_percent_encode(path, NOT_IN_URIS)
+        )
     }
 
     /// The searchset for an answer; an unknown patient is a 404, an unavailable one a 502/504.

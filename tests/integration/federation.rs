@@ -70,6 +70,11 @@ async fn everything_is_a_federated_record_from_several_organisations() {
         );
     }
     assert_eq!(reply.body["total"], resources.len());
+    assert_eq!(
+        reply.body["link"][0]["url"],
+        format!("{}/Patient/{nhs}/$everything", demo.base),
+        "self is the request"
+    );
 
     let entries = reply.body["entry"].as_array().unwrap();
     assert_eq!(
@@ -211,6 +216,14 @@ async fn per_type_search_returns_only_that_type() {
             "/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|{nhs}"
         ))
         .await;
+    assert_eq!(
+        patient.body["link"][0]["url"],
+        format!(
+            "{}/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number%7C{nhs}",
+            demo.base
+        ),
+        "self link percent-encodes what URIs cannot hold"
+    );
     assert_eq!(patient.status, 200);
     assert_eq!(patient.resources().len(), 1);
     let read = demo.get(&format!("/Patient/{nhs}")).await;
