@@ -25,12 +25,12 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt, future::BoxFuture};
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::fanout::SourceCall;
+use crate::fanout::{CallFuture, SourceCall, SourceStack};
 use connectors::SourceRecord;
 
 /// Breaker thresholds (`[breaker]` in config).
@@ -303,14 +303,10 @@ impl Drop for ProbeGuard {
     }
 }
 
-impl<S> Service<SourceCall> for BreakerService<S>
-where
-    S: Service<SourceCall, Response = SourceRecord, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
-{
+impl<S: SourceStack> Service<SourceCall> for BreakerService<S> {
     type Response = SourceRecord;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<SourceRecord, BoxError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))

@@ -34,13 +34,13 @@ use std::{
 };
 
 use connectors::{SourceKind, SourceQuery, SourceRecord};
-use futures::{FutureExt, future::BoxFuture};
+use futures::FutureExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::fanout::SourceCall;
+use crate::fanout::{CallFuture, SourceCall, SourceStack};
 
 /// The `meta` extension giving when the gateway fetched a resource from its source.
 pub const FETCHED_AT_URL: &str =
@@ -300,14 +300,10 @@ impl std::error::Error for SharedError {
     }
 }
 
-impl<S> Service<SourceCall> for CacheService<S>
-where
-    S: Service<SourceCall, Response = SourceRecord, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
-{
+impl<S: SourceStack> Service<SourceCall> for CacheService<S> {
     type Response = SourceRecord;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<SourceRecord, BoxError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -330,11 +326,7 @@ where
     }
 }
 
-impl<S> CacheService<S>
-where
-    S: Service<SourceCall, Response = SourceRecord, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
-{
+impl<S: SourceStack> CacheService<S> {
     async fn lookup(self, call: SourceCall) -> Result<SourceRecord, BoxError> {
         let key = Key {
             source: self.source.clone(),
@@ -471,7 +463,7 @@ mod tests {
             SourceCall,
             Response = SourceRecord,
             Error = BoxError,
-            Future = BoxFuture<'static, Result<SourceRecord, BoxError>>,
+            Future = crate::fanout::CallFuture,
         > + Clone
         + Send
         + 'static,

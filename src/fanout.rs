@@ -42,6 +42,28 @@ pub struct SourceCall {
 /// A source's whole stack, outermost layer first.
 pub type SourceService = BoxCloneSyncService<SourceCall, SourceRecord, BoxError>;
 
+/// What every layer of a source's stack wraps: a cloneable service that turns a call into a
+/// raw answer. Named once so each layer (cache, breaker, hedge, deadline) states only its own
+/// logic.
+pub trait SourceStack:
+    Service<SourceCall, Response = SourceRecord, Error = BoxError, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> SourceStack for S where
+    S: Service<SourceCall, Response = SourceRecord, Error = BoxError, Future: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The future every layer returns.
+pub type CallFuture = BoxFuture<'static, Result<SourceRecord, BoxError>>;
+
 /// Per-source settings for the stack.
 #[derive(Debug, Clone)]
 pub struct StackSettings {
@@ -209,7 +231,7 @@ struct ConnectorService(Arc<dyn Connector>);
 impl Service<SourceCall> for ConnectorService {
     type Response = SourceRecord;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<SourceRecord, BoxError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -228,14 +250,10 @@ impl Service<SourceCall> for ConnectorService {
 #[derive(Clone)]
 struct DeadlineService<S>(S);
 
-impl<S> Service<SourceCall> for DeadlineService<S>
-where
-    S: Service<SourceCall, Response = SourceRecord, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
-{
+impl<S: SourceStack> Service<SourceCall> for DeadlineService<S> {
     type Response = SourceRecord;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<SourceRecord, BoxError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // Readiness of the inner stack is awaited inside the call, under the deadline.

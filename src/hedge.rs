@@ -32,7 +32,7 @@ use std::{
 };
 
 use connectors::SourceRecord;
-use futures::{FutureExt, future::BoxFuture};
+use futures::FutureExt;
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -41,7 +41,7 @@ use tower::{
     retry::budget::{Budget as _, TpsBudget},
 };
 
-use crate::fanout::SourceCall;
+use crate::fanout::{CallFuture, SourceCall, SourceStack};
 
 /// Hedging settings (`[hedge]` in config).
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -259,14 +259,10 @@ impl<S> HedgeService<S> {
     }
 }
 
-impl<S> Service<SourceCall> for HedgeService<S>
-where
-    S: Service<SourceCall, Response = SourceRecord, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
-{
+impl<S: SourceStack> Service<SourceCall> for HedgeService<S> {
     type Response = SourceRecord;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<SourceRecord, BoxError>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -352,7 +348,7 @@ mod tests {
             SourceCall,
             Response = SourceRecord,
             Error = BoxError,
-            Future = BoxFuture<'static, Result<SourceRecord, BoxError>>,
+            Future = crate::fanout::CallFuture,
         > + Clone
         + Send
         + 'static,
