@@ -449,6 +449,7 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
+        render_process(&mut out);
         for f in [
             &self.requests,
             &self.source_calls,
@@ -470,6 +471,60 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Process and runtime gauges, read when scraped: what a leak check counts before and after a
+/// fault (tasks alive on the tokio runtime, open file descriptors and how many are sockets) and
+/// resident memory. Standard `process_*` names so existing dashboards pick them up.
+fn render_process(out: &mut String) {
+    use std::fmt::Write as _;
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let tasks = handle.metrics().num_alive_tasks();
+        let _ = writeln!(
+            out,
+            "# HELP tributary_runtime_alive_tasks Tasks alive on the gateway's tokio runtime.\n\
+             # TYPE tributary_runtime_alive_tasks gauge\ntributary_runtime_alive_tasks {tasks}"
+        );
+    }
+    if let Some((fds, sockets)) = open_fds() {
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\n\
+             process_open_fds {fds}\n\
+             # HELP tributary_process_open_sockets Open file descriptors that are sockets.\n\
+             # TYPE tributary_process_open_sockets gauge\ntributary_process_open_sockets {sockets}"
+        );
+    }
+    if let Some(rss) = resident_bytes() {
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
+        );
+    }
+}
+
+/// Open descriptors and how many of them are sockets, from `/proc/self/fd` (Linux only).
+fn open_fds() -> Option<(usize, usize)> {
+    let dir = std::fs::read_dir("/proc/self/fd").ok()?;
+    let (mut fds, mut sockets) = (0, 0);
+    for entry in dir.flatten() {
+        fds += 1;
+        if std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+        {
+            sockets += 1;
+        }
+    }
+    Some((fds, sockets))
+}
+
+/// Resident set size from `/proc/self/statm` (second field, in pages; pages are 4 KiB on the
+/// platforms this runs on).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 #[cfg(test)]

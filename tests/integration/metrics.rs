@@ -38,6 +38,19 @@ async fn metrics_expose_requests_sources_and_audit_and_pass_promtool() {
     for (nhs, _) in &demo.samples {
         assert!(!text.contains(nhs.as_str()));
     }
+    // What a leak check counts before and after a fault: all read live, all positive.
+    for gauge in [
+        "tributary_runtime_alive_tasks",
+        "process_open_fds",
+        "tributary_process_open_sockets",
+        "process_resident_memory_bytes",
+    ] {
+        let value = text
+            .lines()
+            .find_map(|line| line.strip_prefix(gauge)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("missing {gauge}\n{text}"));
+        assert!(value.parse::<f64>().unwrap() > 0.0, "{gauge} {value}");
+    }
 
     let Some(promtool) = tool("promtool") else {
         return;
