@@ -226,9 +226,13 @@ impl SourceRecord {
 /// name or clinical content, and no upstream body text (it may contain any of those).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectorError {
-    /// Could not reach the source (refused, reset, DNS, TLS handshake).
+    /// Could not reach the source (refused, reset, DNS).
     #[error("cannot connect to source: {0}")]
     Connect(String),
+    /// The TLS handshake with the source failed, for a classified reason (wrong CA, expired
+    /// or misnamed certificate, client certificate required or rejected).
+    #[error("tls with source failed: {0}")]
+    Tls(crate::tls::TlsFailure),
     /// The connection failed after it was made (reset mid-reply, read timeout, closed early).
     #[error("transport failed: {0}")]
     Transport(String),
@@ -254,6 +258,7 @@ impl ConnectorError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
+            Self::Tls(_) => "tls",
             Self::Transport(_) => "transport",
             Self::Status { .. } => "status",
             Self::Rejected(_) => "rejected",
@@ -263,10 +268,12 @@ impl ConnectorError {
         }
     }
 
-    /// Whether trying again (or hedging) may help.
+    /// Whether trying again (or hedging) may help. A TLS failure is a certificate or
+    /// configuration problem on one side: trying again gets the same answer.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Connect(_) | Self::Transport(_) => true,
+            Self::Tls(_) => false,
             Self::Status { status } => *status >= 500 || *status == 429,
             Self::Rejected(_)
             | Self::Malformed(_)
@@ -307,6 +314,18 @@ impl ConnectorConfig {
         match self {
             Self::Fhir(c) => c.base_url.clone(),
             Self::Hl7v2(c) => c.address.clone(),
+        }
+    }
+
+    /// Makes the relative file paths in this configuration (TLS certificates and keys)
+    /// relative to `base`, the configuration file's directory.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let tls = match self {
+            Self::Fhir(c) => c.tls.as_mut(),
+            Self::Hl7v2(c) => c.tls.as_mut(),
+        };
+        if let Some(tls) = tls {
+            tls.resolve_paths(base);
         }
     }
 

@@ -12,6 +12,7 @@ pub mod fhir;
 pub mod hl7v2;
 pub mod nhs;
 pub mod synth;
+pub mod tls;
 
 pub use contract::{
     Connector, ConnectorConfig, ConnectorError, ConnectorKind, OdsCode, ResourceType,

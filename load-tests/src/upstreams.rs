@@ -274,6 +274,7 @@ pub async fn run(args: UpstreamArgs) -> Result<(), String> {
                     ConnectorConfig::Fhir(FhirConfig {
                         base_url: format!("http://127.0.0.1:{port}/fhir"),
                         max_body_bytes: f.max_body_bytes,
+                        tls: None,
                     }),
                 )
             }

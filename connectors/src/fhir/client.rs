@@ -3,6 +3,10 @@
 //!
 //! No timeouts or retries here (the gateway owns them). Dropping a call's future drops its
 //! connection and nothing else, so the pooled client stays usable (cancel safety).
+//!
+//! An `https://` source is reached through hyper-rustls with the source's own
+//! [`TlsConfig`](crate::tls::TlsConfig) (its CA only, and a client certificate for mutual TLS),
+//! HTTP/1.1 over TLS; a failed handshake is a [`ConnectorError::Tls`] naming the reason.
 
 use std::{error::Error, io, sync::Arc};
 
@@ -10,8 +14,9 @@ use bytes::Bytes;
 use futures::{FutureExt, future::BoxFuture};
 use http::{Request, Uri, header};
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
+    client::legacy::{Client, ResponseFuture, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
@@ -23,6 +28,7 @@ use crate::{
         SourceRecord,
     },
     nhs::NHS_NUMBER_SYSTEM,
+    tls::TlsFailure,
 };
 
 /// What a query parameter's value must escape (`|` separates an identifier's system and value).
@@ -51,7 +57,7 @@ pub struct FhirConnector {
 
 #[derive(Debug)]
 struct Inner {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: HttpClient,
     /// The base URL without a trailing `/`.
     base: String,
     max_body_bytes: usize,
@@ -70,16 +76,37 @@ impl FhirConnector {
         let uri: Uri = base
             .parse()
             .map_err(|_| format!("base_url `{base}` is not a valid URL"))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        if uri.scheme_str() != Some(scheme) || uri.authority().is_none() {
             return Err(format!(
-                "base_url `{base}`: only http:// URLs with a host are supported"
+                "base_url `{base}`: only {scheme}:// URLs with a host are supported here"
             ));
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_timer(TokioTimer::new());
+        let client = match &config.tls {
+            None => HttpClient::Plain(builder.build(connector)),
+            Some(tls) => {
+                let tls = tls.load().map_err(|p| p.join("; "))?;
+                connector.enforce_http(false);
+                let https = HttpsConnectorBuilder::new()
+                    .with_tls_config((*tls.config).clone())
+                    .https_only();
+                let https = match tls.server_name {
+                    Some(name) => {
+                        https.with_server_name_resolver(FixedServerNameResolver::new(name))
+                    }
+                    None => https,
+                };
+                HttpClient::Tls(builder.build(https.enable_http1().wrap_connector(connector)))
+            }
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -89,6 +116,22 @@ impl FhirConnector {
             }),
             descriptor,
         })
+    }
+}
+
+/// The pooled HTTP client: plain for `http://` sources, rustls for `https://` ones.
+#[derive(Debug)]
+enum HttpClient {
+    Plain(Client<HttpConnector, Empty<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Empty<Bytes>>),
+}
+
+impl HttpClient {
+    fn request(&self, request: Request<Empty<Bytes>>) -> ResponseFuture {
+        match self {
+            Self::Plain(c) => c.request(request),
+            Self::Tls(c) => c.request(request),
+        }
     }
 }
 
@@ -167,7 +210,11 @@ impl Inner {
             .body(Empty::new())
             .map_err(|_| ConnectorError::Malformed("request url is invalid".into()))?;
         let response = self.client.request(request).await.map_err(|e| {
-            if e.is_connect() {
+            // A handshake failure may surface on connect or, when the server rejects our
+            // client certificate after the handshake (TLS 1.3), on the first read.
+            if let Some(failure) = TlsFailure::find(&e) {
+                ConnectorError::Tls(failure)
+            } else if e.is_connect() {
                 ConnectorError::Connect(describe(&e))
             } else if chain(&e).any(|c| {
                 c.downcast_ref::<hyper::Error>()

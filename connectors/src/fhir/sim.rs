@@ -14,8 +14,11 @@ use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use percent_encoding::percent_decode_str;
+use rustls::ServerConfig;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 
 use super::mapping;
 use crate::{
@@ -35,6 +38,20 @@ pub fn serve(
     source: SourceSpec,
     fault: FaultSwitch,
 ) -> tokio::task::JoinHandle<()> {
+    serve_tls(listener, records, source, fault, None)
+}
+
+/// As [`serve`], over TLS when `tls` is given (HTTPS; a client certificate is required when
+/// the config has a client verifier). A connection whose handshake fails is drained and
+/// closed; the simulator keeps serving.
+pub fn serve_tls(
+    listener: TcpListener,
+    records: Arc<dyn Records>,
+    source: SourceSpec,
+    fault: FaultSwitch,
+    tls: Option<Arc<ServerConfig>>,
+) -> tokio::task::JoinHandle<()> {
+    let acceptor = tls.map(TlsAcceptor::from);
     let sim = Arc::new(Sim {
         records,
         source,
@@ -50,7 +67,18 @@ pub fn serve(
                         // Replies are small and latency is the point of the demo.
                         let _ = stream.set_nodelay(true);
                         let sim = Arc::clone(&sim);
+                        let acceptor = acceptor.clone();
                         connections.spawn(async move {
+                            let stream = match acceptor {
+                                None => Either::Left(stream),
+                                Some(acceptor) => match crate::tls::sim_accept(&acceptor, stream).await {
+                                    Some(tls) => Either::Right(tls),
+                                    None => {
+                                        tracing::debug!(source = %sim.source.id, "Simulator TLS handshake failed.");
+                                        return;
+                                    }
+                                },
+                            };
                             let service = service_fn(move |req| {
                                 let sim = Arc::clone(&sim);
                                 async move { Ok::<_, Infallible>(sim.answer(req).await) }

@@ -54,6 +54,7 @@ fn connector(base_url: String, kind: SourceKind, max_body_bytes: usize) -> FhirC
         FhirConfig {
             base_url,
             max_body_bytes,
+            tls: None,
         },
     )
     .unwrap()
@@ -392,6 +393,7 @@ fn configuration_problems_are_refused() {
         let config = FhirConfig {
             base_url: url.into(),
             max_body_bytes: 10,
+            tls: None,
         };
         assert!(FhirConnector::new(d(url), config).is_err(), "{url}");
     }

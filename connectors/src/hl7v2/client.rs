@@ -19,6 +19,12 @@
 //! QAK-1 equals our query tag, QAK-2 OK or NF (empty answer) -> exactly one PID whose PID-3
 //! NHS number is the one asked for (else `PatientMismatch`: discarded, never merged).
 //!
+//! # TLS
+//! With a `tls` block the same MLLP framing runs over TLS (tokio-rustls, the source's CA only,
+//! and a client certificate for mutual TLS); the handshake is part of connecting and counts
+//! against `connect_timeout`. A failed handshake, or a server that rejects our client
+//! certificate on the first read (TLS 1.3), is a [`ConnectorError::Tls`] naming the reason.
+//!
 //! # Cancel safety
 //! A connection is owned by the future that uses it and goes back to the idle pool only
 //! after a whole, in-step exchange. A future dropped mid-exchange drops its connection with
@@ -34,8 +40,10 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt, future::BoxFuture};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_util::{codec::Framed, either::Either};
 
 use super::{
     Hl7v2Config, datetime,
@@ -45,10 +53,26 @@ use super::{
 };
 use crate::{
     Connector, ConnectorError, ResourceType, SourceDescriptor, SourceQuery, SourceRecord,
-    nhs::NhsNumber,
+    nhs::NhsNumber, tls::TlsFailure,
 };
 
-type Conn = Framed<TcpStream, MllpCodec>;
+/// A connection to the PAS: plain TCP, or TLS over TCP; the pool holds either.
+type MllpStream = Either<TcpStream, TlsStream<TcpStream>>;
+type Conn = Framed<MllpStream, MllpCodec>;
+
+/// How to wrap a fresh TCP connection in TLS, built once from the source's `tls` block.
+struct TlsSetup {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSetup")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
 
 /// The HL7 v2 (MLLP) connector for one source.
 #[derive(Debug, Clone)]
@@ -60,6 +84,7 @@ pub struct Hl7v2Connector {
 struct Inner {
     descriptor: SourceDescriptor,
     config: Hl7v2Config,
+    tls: Option<TlsSetup>,
     idle: Mutex<Vec<Conn>>,
     /// Random per connector, so control ids differ across restarts and replicas.
     nonce: u32,
@@ -72,11 +97,31 @@ impl Hl7v2Connector {
         if !problems.is_empty() {
             return Err(problems.join("; "));
         }
+        let tls = match &config.tls {
+            None => None,
+            Some(tls) => {
+                let loaded = tls.load().map_err(|p| p.join("; "))?;
+                let server_name = match loaded.server_name {
+                    Some(name) => name,
+                    None => config
+                        .host()
+                        .and_then(|h| ServerName::try_from(h.to_owned()).ok())
+                        .ok_or_else(|| {
+                            format!("address `{}` has no host to check", config.address)
+                        })?,
+                };
+                Some(TlsSetup {
+                    connector: TlsConnector::from(loaded.config),
+                    server_name,
+                })
+            }
+        };
         let nonce = RandomState::new().hash_one(&descriptor.id) as u32;
         Ok(Self {
             inner: Arc::new(Inner {
                 descriptor,
                 config,
+                tls,
                 idle: Mutex::new(Vec::new()),
                 nonce,
                 counter: AtomicU64::new(1),
@@ -169,19 +214,33 @@ impl Inner {
         self.round_trip(conn, request).await.map_err(|e| e.error)
     }
 
+    /// Opens a connection (and its TLS session), all within `connect_timeout`.
     async fn connect(&self) -> Result<Conn, ConnectorError> {
-        let stream = tokio::time::timeout(
-            self.config.connect_timeout,
-            TcpStream::connect(&self.config.address),
-        )
-        .await
-        .map_err(|_| ConnectorError::Connect("connect timed out".into()))?
-        .map_err(|e| ConnectorError::Connect(io_kind(&e)))?;
-        let _ = stream.set_nodelay(true);
+        let stream = tokio::time::timeout(self.config.connect_timeout, self.open())
+            .await
+            .map_err(|_| ConnectorError::Connect("connect timed out".into()))??;
         Ok(Framed::new(
             stream,
             MllpCodec::new(self.config.max_frame_bytes),
         ))
+    }
+
+    async fn open(&self) -> Result<MllpStream, ConnectorError> {
+        let stream = TcpStream::connect(&self.config.address)
+            .await
+            .map_err(|e| ConnectorError::Connect(io_kind(&e)))?;
+        let _ = stream.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            return Ok(Either::Left(stream));
+        };
+        tls.connector
+            .connect(tls.server_name.clone(), stream)
+            .await
+            .map(Either::Right)
+            .map_err(|e| match TlsFailure::find(&e) {
+                Some(failure) => ConnectorError::Tls(failure),
+                None => ConnectorError::Connect(io_kind(&e)),
+            })
     }
 
     async fn round_trip(
@@ -233,6 +292,11 @@ fn io_kind(e: &std::io::Error) -> String {
 }
 
 fn mllp_error(e: MllpError) -> ConnectorError {
+    if let MllpError::Io(io) = &e
+        && let Some(failure) = TlsFailure::find(io)
+    {
+        return ConnectorError::Tls(failure);
+    }
     match e {
         MllpError::TooLarge { limit } => ConnectorError::TooLarge { limit },
         MllpError::NoStartBlock | MllpError::BadEndBlock => {

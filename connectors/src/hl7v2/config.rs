@@ -3,6 +3,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::tls::TlsConfig;
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hl7v2Config {
@@ -33,6 +35,10 @@ pub struct Hl7v2Config {
     /// MSH-6 of our queries; empty means the source's ODS code.
     #[serde(default)]
     pub receiving_facility: String,
+    /// MLLP over TLS: the source's CA, and the gateway's client certificate for mutual TLS.
+    /// The server certificate must name the host of `address` (or `tls.server_name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_max_frame_bytes() -> usize {
@@ -72,7 +78,18 @@ impl Hl7v2Config {
             sending_facility: default_sending_facility(),
             receiving_application: String::new(),
             receiving_facility: String::new(),
+            tls: None,
         }
+    }
+
+    /// The host part of `address` (without IPv6 brackets), if it has one.
+    pub fn host(&self) -> Option<&str> {
+        let (host, _) = self.address.rsplit_once(':')?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        Some(host).filter(|h| !h.is_empty())
     }
 
     pub fn validate(&self) -> Vec<String> {
@@ -105,6 +122,19 @@ impl Hl7v2Config {
                     "{name} must not contain HL7 delimiters (| ^ ~ \\ &) or line breaks"
                 ));
             }
+        }
+        if let Some(tls) = &self.tls {
+            if tls.server_name.is_none()
+                && self
+                    .host()
+                    .is_some_and(|h| rustls_pki_types::ServerName::try_from(h).is_err())
+            {
+                problems.push(format!(
+                    "address host of `{}` cannot be checked against a certificate: set tls.server_name",
+                    self.address
+                ));
+            }
+            problems.extend(tls.validate());
         }
         problems
     }

@@ -17,8 +17,10 @@ use std::sync::{
 };
 
 use futures::{SinkExt, StreamExt};
+use rustls::ServerConfig;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::codec::Framed;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::{codec::Framed, either::Either};
 
 use super::{
     datetime::{date_to_hl7, now_hl7, to_hl7_uk, to_hl7_uk_date},
@@ -43,7 +45,21 @@ pub fn serve(
     source: SourceSpec,
     fault: FaultSwitch,
 ) -> JoinHandle<()> {
+    serve_tls(listener, records, source, fault, None)
+}
+
+/// As [`serve`], MLLP over TLS when `tls` is given (a client certificate is required when the
+/// config has a client verifier). A connection whose handshake fails is drained and closed;
+/// the simulator keeps serving.
+pub fn serve_tls(
+    listener: TcpListener,
+    records: Arc<dyn Records>,
+    source: SourceSpec,
+    fault: FaultSwitch,
+    tls: Option<Arc<ServerConfig>>,
+) -> JoinHandle<()> {
     let source = Arc::new(source);
+    let acceptor = tls.map(TlsAcceptor::from);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -55,7 +71,18 @@ pub fn serve(
             let records = Arc::clone(&records);
             let source = Arc::clone(&source);
             let fault = fault.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
+                let stream = match acceptor {
+                    None => Either::Left(stream),
+                    Some(acceptor) => match crate::tls::sim_accept(&acceptor, stream).await {
+                        Some(tls) => Either::Right(tls),
+                        None => {
+                            tracing::debug!(source = %source.id, "Simulator TLS handshake failed.");
+                            return;
+                        }
+                    },
+                };
                 let mut framed = Framed::new(stream, MllpCodec::new(MAX_QUERY_BYTES));
                 while let Some(Ok(frame)) = framed.next().await {
                     let reply = match fault.get() {

@@ -71,12 +71,8 @@ pub async fn launch(
         let fault = FaultSwitch::new(initial);
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let port = listener.local_addr()?.port();
-        let fhir_config = || {
-            ConnectorConfig::Fhir(FhirConfig {
-                base_url: format!("http://127.0.0.1:{port}/fhir"),
-                max_body_bytes: 8 * 1024 * 1024,
-            })
-        };
+        let fhir_config =
+            || ConnectorConfig::Fhir(FhirConfig::new(format!("http://127.0.0.1:{port}/fhir")));
         let (server, config) = match spec.protocol {
             Protocol::Fhir => (
                 fhir::sim::serve(listener, records.clone(), spec.clone(), fault.clone()),
