@@ -450,9 +450,11 @@ impl Config {
         for (id, value) in source_tables {
             let span = value.span();
             let what = format!("[sources.{id}]");
-            let Some(s) = section::<RawSource>(&mut p, value, &what) else {
+            let Some(mut s) = section::<RawSource>(&mut p, value, &what) else {
                 continue;
             };
+            // TLS certificate and key files are relative to the config file, like key files.
+            s.connector.resolve_paths(&base);
             // ODS codes are upper case; the same organisation under two ids would make their
             // namespaced resource ids collide.
             let ods = s.ods.trim().to_ascii_uppercase();

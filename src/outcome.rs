@@ -95,12 +95,15 @@ impl Outcome {
 }
 
 /// Whether a stack's error says the source is unhealthy, for its breaker: it could not be
-/// reached, broke the connection, answered 5xx or 429, sent garbage, or did not answer in
-/// time. A 4xx, a rejected query or a patient mismatch is the source working as designed.
+/// reached, failed the TLS handshake, broke the connection, answered 5xx or 429, sent
+/// garbage, or did not answer in time. A 4xx, a rejected query or a patient mismatch is the
+/// source working as designed.
 pub fn counts_against_source(err: &BoxError) -> bool {
     match Outcome::classify(err.as_ref()) {
         Outcome::TimedOut => true,
-        Outcome::Failed(e) => e.is_retryable() || matches!(e, ConnectorError::Malformed(_)),
+        Outcome::Failed(e) => {
+            e.is_retryable() || matches!(e, ConnectorError::Malformed(_) | ConnectorError::Tls(_))
+        }
         Outcome::Answered(_) | Outcome::Shed | Outcome::BreakerOpen | Outcome::Internal(_) => false,
     }
 }
@@ -111,4 +114,39 @@ pub struct SourceOutcome {
     pub source: Arc<SourceDescriptor>,
     pub outcome: Outcome,
     pub elapsed: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use connectors::tls::TlsFailure;
+
+    use super::*;
+
+    #[test]
+    fn a_tls_failure_names_its_reason_and_counts_against_the_source() {
+        for (failure, words) in [
+            (TlsFailure::UnknownIssuer, "(unknown issuer)"),
+            (TlsFailure::Expired, "(expired)"),
+            (TlsFailure::NameMismatch, "(name mismatch)"),
+            (
+                TlsFailure::ClientCertRequired,
+                "(client certificate required)",
+            ),
+            (
+                TlsFailure::ClientCertRejected,
+                "(client certificate rejected)",
+            ),
+        ] {
+            let err: BoxError = Box::new(ConnectorError::Tls(failure));
+            assert!(counts_against_source(&err));
+            let outcome = Outcome::from_result(Err(err));
+            assert_eq!(outcome.code(), "tls");
+            let text = outcome.shortfall().unwrap();
+            assert!(
+                text.contains(words) && text.ends_with("(tls)"),
+                "{failure:?}: {text}"
+            );
+        }
+    }
 }

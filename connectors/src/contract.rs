@@ -231,7 +231,7 @@ pub enum ConnectorError {
     Connect(String),
     /// The TLS handshake with the source failed, for a classified reason (wrong CA, expired
     /// or misnamed certificate, client certificate required or rejected).
-    #[error("tls with source failed: {0}")]
+    #[error("tls: {0}")]
     Tls(crate::tls::TlsFailure),
     /// The connection failed after it was made (reset mid-reply, read timeout, closed early).
     #[error("transport failed: {0}")]

@@ -26,10 +26,14 @@ use std::{
 
 use rustls::{
     AlertDescription, CertificateError, ClientConfig, RootCertStore, ServerConfig,
-    crypto::CryptoProvider, server::WebPkiClientVerifier,
+    crypto::CryptoProvider,
+    server::WebPkiClientVerifier,
+    sign::{CertifiedKey, SingleCertAndKey},
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use serde::{Deserialize, Serialize};
+
+pub use rustls::ServerConfig as TlsServerConfig;
 
 /// A source's TLS settings (`tls = { ... }` in its connector block). Relative paths are
 /// relative to the configuration file (see [`TlsConfig::resolve_paths`]).
@@ -155,7 +159,13 @@ impl TlsConfig {
                 let key = read_key("tls.client_key_file", key_file)
                     .map_err(|p| problems.push(p))
                     .ok();
-                certs.zip(key).map(|(c, k)| (c, k, cert_file, key_file))
+                // Checked on its own, so a key mismatch shows even when the CA file is wrong.
+                let provider = provider();
+                certs.zip(key).and_then(|(c, k)| {
+                    CertifiedKey::from_der(c, k, &provider)
+                        .map_err(|e| problems.push(key_problem(&e, cert_file, key_file)))
+                        .ok()
+                })
             }
             (Some(_), None) => {
                 problems.push("tls.client_cert_file is set without tls.client_key_file".into());
@@ -187,9 +197,7 @@ impl TlsConfig {
             .with_root_certificates(roots);
         let config = match client {
             None => builder.with_no_client_auth(),
-            Some((certs, key, cert_file, key_file)) => builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| vec![key_problem(&e, cert_file, key_file)])?,
+            Some(key) => builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(key))),
         };
         Ok(ClientTls {
             config: Arc::new(config),

@@ -10,6 +10,7 @@ mod metrics;
 mod policy;
 mod serve;
 mod telemetry;
+mod upstream_tls;
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 

@@ -258,7 +258,7 @@ async fn every_case_is_classified(protocol: Protocol) {
                 assert_eq!(err.code(), "tls");
                 assert!(!err.is_retryable());
                 let text = err.to_string();
-                assert_eq!(text, format!("tls with source failed: {want}"));
+                assert_eq!(text, format!("tls: {want}"));
                 assert!(!text.contains(&nhs.expose()), "{text}");
                 // The simulator keeps serving: a gateway configured to match it gets through.
                 let fixed = match case {
