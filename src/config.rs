@@ -454,7 +454,7 @@ impl Config {
                 continue;
             };
             // TLS certificate and key files are relative to the config file, like key files.
-            s.connector.resolve_paths(&base);
+            s.connector.resolve_paths(base);
             // ODS codes are upper case; the same organisation under two ids would make their
             // namespaced resource ids collide.
             let ods = s.ods.trim().to_ascii_uppercase();

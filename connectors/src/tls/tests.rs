@@ -192,7 +192,7 @@ fn subject(protocol: Protocol) -> (Arc<Region>, SourceSpec, NhsNumber) {
                 .sources()
                 .iter()
                 .find(|s| &s.ods == ods && s.protocol == protocol)?;
-            Some((spec.clone(), p.nhs_number.clone()))
+            Some((spec.clone(), p.nhs_number))
         })
         .unwrap();
     (region, spec, nhs)
@@ -245,7 +245,7 @@ async fn every_case_is_classified(protocol: Protocol) {
         let pki = Pki::new();
         let (port, _sim) = start(&region, &spec, case.server(&pki)).await;
         let connector = build(&spec, &connector_config(protocol, port, case.client(&pki)));
-        let result = connector.fetch(SourceQuery::everything(nhs.clone())).await;
+        let result = connector.fetch(SourceQuery::everything(nhs)).await;
         match (case.expected(), result) {
             (None, Ok(record)) => {
                 assert!(
@@ -270,7 +270,7 @@ async fn every_case_is_classified(protocol: Protocol) {
                 };
                 let again = build(&spec, &connector_config(protocol, port, fixed));
                 let record = again
-                    .fetch(SourceQuery::everything(nhs.clone()))
+                    .fetch(SourceQuery::everything(nhs))
                     .await
                     .unwrap_or_else(|e| panic!("{protocol:?} {case:?} after fix: {e}"));
                 assert!(record.knows_patient());
@@ -310,10 +310,7 @@ async fn mllp_over_mutual_tls_reuses_pooled_connections() {
     };
     let connector = Hl7v2Connector::new(descriptor, config).unwrap();
     for _ in 0..3 {
-        let record = connector
-            .fetch(SourceQuery::everything(nhs.clone()))
-            .await
-            .unwrap();
+        let record = connector.fetch(SourceQuery::everything(nhs)).await.unwrap();
         assert!(record.knows_patient());
         assert_eq!(connector.idle_connections(), 1);
     }
