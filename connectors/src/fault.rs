@@ -22,6 +22,9 @@ pub enum Fault {
     Slow(Duration),
     /// Answers with bytes that are not the protocol.
     Garbage,
+    /// Serves TLS with a certificate from a CA the gateway does not trust for this source
+    /// (unknown issuer). Only a source launched with this fault serves TLS at all.
+    Tls,
 }
 
 impl FromStr for Fault {
@@ -33,6 +36,7 @@ impl FromStr for Fault {
             "hang" => Ok(Self::Hang),
             "error" => Ok(Self::Error),
             "garbage" => Ok(Self::Garbage),
+            "tls" => Ok(Self::Tls),
             _ => match s.strip_prefix("slow:") {
                 Some(ms) => ms
                     .parse::<u64>()
@@ -41,7 +45,7 @@ impl FromStr for Fault {
                         format!("`slow:` takes a whole number of milliseconds, not `{ms}`")
                     }),
                 None => Err(format!(
-                    "unknown fault `{s}`: expected none, hang, error, slow:MS or garbage"
+                    "unknown fault `{s}`: expected none, hang, error, slow:MS, garbage or tls"
                 )),
             },
         }
@@ -56,6 +60,7 @@ impl fmt::Display for Fault {
             Self::Error => f.write_str("error"),
             Self::Slow(d) => write!(f, "slow:{}", d.as_millis()),
             Self::Garbage => f.write_str("garbage"),
+            Self::Tls => f.write_str("tls"),
         }
     }
 }

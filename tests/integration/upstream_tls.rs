@@ -26,7 +26,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{BIN, PATIENCE, TempDir, send};
+use super::{BIN, Demo, PATIENCE, TempDir, send};
 
 const KEY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -367,6 +367,37 @@ async fn check_reports_tls_file_problems_with_their_place() {
     ] {
         assert!(err.contains(expect), "missing `{expect}` in:\n{err}");
     }
+}
+
+#[tokio::test]
+async fn demo_tls_fault_leaves_those_sources_out_with_unknown_issuer() {
+    let demo = Demo::start(&["--fault", "RXN=tls", "--fault", "X26=tls"]).await;
+    let nhs = demo.patient("typical");
+    let reply = demo.get(&format!("/Patient/{nhs}/$everything")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let issues = reply.issue_text();
+    for ods in ["RXN", "X26"] {
+        let line = issues
+            .lines()
+            .find(|l| l.contains(&format!(" {ods} ")))
+            .unwrap_or_else(|| panic!("{ods} not named in:\n{issues}"));
+        assert!(
+            line.contains("(unknown issuer)") && line.ends_with("(tls)"),
+            "{line}"
+        );
+    }
+    // Demographics failed, so the plan broadcasts; the rest of the record still arrives.
+    assert!(
+        reply
+            .resources()
+            .iter()
+            .any(|r| ods_of(r) != "RXN" && r["resourceType"] != "Patient"),
+        "{}",
+        reply.text
+    );
+    assert!(!issues.contains(&nhs), "{issues}");
+    let logs = demo.stop().await;
+    assert!(!logs.contains(&nhs), "NHS number in the logs");
 }
 
 struct AbortOnDrop(JoinHandle<()>);

@@ -112,7 +112,8 @@ type Reply = Response<Full<Bytes>>;
 impl Sim {
     async fn answer(&self, req: Request<Incoming>) -> Reply {
         match self.fault.get() {
-            Fault::None => {}
+            // A TLS fault shows in the handshake (see `synth::launch`); the request is fine.
+            Fault::None | Fault::Tls => {}
             Fault::Hang => std::future::pending::<()>().await,
             Fault::Slow(delay) => tokio::time::sleep(delay).await,
             Fault::Error => {

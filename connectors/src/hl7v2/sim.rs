@@ -96,7 +96,8 @@ pub fn serve_tls(
                         Fault::Error => {
                             answer(&frame, records.as_ref(), &source, true).into_bytes()
                         }
-                        Fault::None => {
+                        // A TLS fault shows in the handshake (see `synth::launch`).
+                        Fault::None | Fault::Tls => {
                             answer(&frame, records.as_ref(), &source, false).into_bytes()
                         }
                     };
