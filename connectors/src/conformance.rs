@@ -8,7 +8,7 @@ use std::{any::Any, sync::Arc, time::Duration};
 use futures::future::BoxFuture;
 
 use crate::{
-    Connector, ConnectorError, ResourceType, SourceQuery,
+    Connector, ConnectorError, ConnectorKind, ResourceType, SourceQuery,
     fault::{Fault, FaultSwitch},
     nhs::{NHS_NUMBER_SYSTEM, NhsNumber},
 };
@@ -51,6 +51,7 @@ pub async fn run_all(harness: &dyn Harness) {
     garbage_is_malformed(harness.start().await).await;
     hang_is_cancel_safe(harness.start().await).await;
     slow_source_still_answers(harness.start().await).await;
+    every_fault_is_classified(harness).await;
 }
 
 fn assert_no_patient_in(err: &ConnectorError, nhs: &NhsNumber) {
@@ -188,4 +189,103 @@ async fn slow_source_still_answers(s: Subject) {
         .await
         .unwrap_or_else(|e| panic!("slow source: {e}"));
     assert!(record.knows_patient());
+}
+
+/// What a fault comes to at the connector: a classified error with this code, or a call that
+/// never finishes on its own (the gateway's deadline ends it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Code(&'static str),
+    Pending,
+}
+
+/// Every fault mode, per protocol (the mapping of each mode to each protocol is in
+/// [`crate::fault`]).
+fn expected(fault: Fault, kind: ConnectorKind) -> Expect {
+    use Expect::{Code, Pending};
+    match (fault, kind) {
+        (Fault::None, _) => Code("answered"),
+        (Fault::Hang | Fault::Stall | Fault::Drip | Fault::Slow(_), _) => Pending,
+        (Fault::Reset, _) => Code("transport"),
+        (Fault::Garbage | Fault::WrongShape, _) => Code("malformed"),
+        (Fault::Error, ConnectorKind::Fhir) => Code("status"),
+        (Fault::Error, ConnectorKind::Hl7v2) => Code("rejected"),
+        (Fault::Oversize, _) => Code("too_large"),
+        (Fault::Redirect, ConnectorKind::Fhir) => Code("redirect"),
+        (Fault::Redirect, ConnectorKind::Hl7v2) => Code("malformed"),
+        (Fault::Refused, _) => Code("connect"),
+        (Fault::OtherPatient, _) => Code("patient_mismatch"),
+    }
+}
+
+/// Each fault on a fresh subject: classified (or pending), no patient in the error, and the
+/// connector answers again once the fault is cleared.
+async fn every_fault_is_classified(harness: &dyn Harness) {
+    for fault in [
+        Fault::Hang,
+        Fault::Stall,
+        Fault::Reset,
+        Fault::Drip,
+        Fault::Garbage,
+        Fault::WrongShape,
+        Fault::Error,
+        Fault::Oversize,
+        Fault::Redirect,
+        Fault::Refused,
+        Fault::OtherPatient,
+        Fault::Slow(Duration::from_secs(60)),
+    ] {
+        let s = harness.start().await;
+        let kind = s.connector.descriptor().connector;
+        s.fault.set(fault);
+        match expected(fault, kind) {
+            Expect::Pending => {
+                let call = s.connector.fetch(SourceQuery::everything(s.known_patient));
+                assert!(
+                    tokio::time::timeout(HANG_WINDOW, call).await.is_err(),
+                    "{fault} over {kind:?}: the call must not finish on its own"
+                );
+            }
+            Expect::Code(code) => {
+                // The simulator's listener reacts on its own task (`refused` closes the port):
+                // ask until the fault shows, within a generous guard.
+                let mut last = None;
+                for _ in 0..100 {
+                    let got = s
+                        .connector
+                        .fetch(SourceQuery::everything(s.known_patient))
+                        .await;
+                    let done = matches!(&got, Err(e) if e.code() == code);
+                    last = Some(got);
+                    if done {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                match last {
+                    Some(Err(err)) if err.code() == code => {
+                        assert_no_patient_in(&err, &s.known_patient)
+                    }
+                    other => panic!("{fault} over {kind:?}: expected `{code}`, got {other:?}"),
+                }
+            }
+        }
+        s.fault.set(Fault::None);
+        let mut recovered = false;
+        for _ in 0..100 {
+            if s.connector
+                .fetch(SourceQuery::everything(s.known_patient))
+                .await
+                .is_ok_and(|r| r.knows_patient())
+            {
+                recovered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            recovered,
+            "{fault} over {kind:?}: the connector answers once the fault is cleared"
+        );
+    }
 }

@@ -7,9 +7,10 @@
 //! procedures and observations. Items of other kinds (medication, immunisation, documents,
 //! consent) are not held by a PAS and are left out. Times are UK local time with an offset.
 //!
-//! Faults, per query: `hang` reads the query and never answers; `error` answers MSA AE with
-//! an ERR segment (207, application internal error); `slow:MS` answers after the delay;
-//! `garbage` answers with a well-framed payload that is not HL7.
+//! Faults, per query, as [`crate::fault`] lists them for MLLP: e.g. `hang` reads the query
+//! and never answers; `error` answers MSA AE with an ERR segment (207, application internal
+//! error); `wrong-shape` answers ACK^Q22; `redirect` sends the query back; `reset` sends half
+//! a frame and an RST; `oversize` sends a frame that never ends.
 
 use std::sync::{
     Arc,
@@ -17,16 +18,20 @@ use std::sync::{
 };
 
 use futures::{SinkExt, StreamExt};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
 use tokio_util::codec::Framed;
 
 use super::{
     datetime::{date_to_hl7, now_hl7, to_hl7_uk, to_hl7_uk_date},
     message::{Builder, Message, Text, components},
-    mllp::MllpCodec,
+    mllp::{CR, EB, MllpCodec, SB},
 };
 use crate::{
-    fault::{Fault, FaultSwitch},
+    fault::{DRIP_INTERVAL, Fault, FaultSwitch, FaultyListener, OVERSIZE_BYTES, someone_else},
     nhs::NhsNumber,
     synth::model::{Code, Detail, Gender, Item, PatientRecord, Records, SourceSpec},
 };
@@ -45,41 +50,111 @@ pub fn serve(
 ) -> JoinHandle<()> {
     let source = Arc::new(source);
     tokio::spawn(async move {
+        let mut listener = match FaultyListener::new(listener, &fault) {
+            Ok(l) => l,
+            Err(_) => {
+                tracing::warn!(source = %source.id, "Simulator listener has no address.");
+                return;
+            }
+        };
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok(stream) = listener.accept().await else {
                 // Out of descriptors or similar: back off briefly instead of spinning.
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let records = Arc::clone(&records);
-            let source = Arc::clone(&source);
-            let fault = fault.clone();
-            tokio::spawn(async move {
-                let mut framed = Framed::new(stream, MllpCodec::new(MAX_QUERY_BYTES));
-                while let Some(Ok(frame)) = framed.next().await {
-                    let reply = match fault.get() {
-                        // Read the query, never answer: wait for the next one (or the close).
-                        Fault::Hang => continue,
-                        Fault::Garbage => b"<html><body>502 Bad Gateway</body></html>\r\n".to_vec(),
-                        Fault::Slow(delay) => {
-                            tokio::time::sleep(delay).await;
-                            answer(&frame, records.as_ref(), &source, false).into_bytes()
-                        }
-                        Fault::Error => {
-                            answer(&frame, records.as_ref(), &source, true).into_bytes()
-                        }
-                        Fault::None => {
-                            answer(&frame, records.as_ref(), &source, false).into_bytes()
-                        }
-                    };
-                    if framed.send(reply).await.is_err() {
+            tokio::spawn(serve_connection(
+                stream,
+                Arc::clone(&records),
+                Arc::clone(&source),
+                fault.clone(),
+            ));
+        }
+    })
+}
+
+/// Answers the queries on one connection, each under the fault of the moment.
+async fn serve_connection(
+    stream: TcpStream,
+    records: Arc<dyn Records>,
+    source: Arc<SourceSpec>,
+    fault: FaultSwitch,
+) {
+    let mut framed = Framed::new(stream, MllpCodec::new(MAX_QUERY_BYTES));
+    while let Some(Ok(frame)) = framed.next().await {
+        let answer = |shape| answer(&frame, records.as_ref(), &source, shape).into_bytes();
+        let reply = match fault.get() {
+            // Read the query, never answer: wait for the next one (or the close). On a
+            // connection already open, a stall is a hang.
+            Fault::Hang | Fault::Stall => continue,
+            Fault::Garbage => b"<html><body>502 Bad Gateway</body></html>\r\n".to_vec(),
+            Fault::Slow(delay) => {
+                tokio::time::sleep(delay).await;
+                answer(Shape::Normal)
+            }
+            Fault::None => answer(Shape::Normal),
+            Fault::Error => answer(Shape::Error),
+            Fault::WrongShape => answer(Shape::WrongShape),
+            Fault::OtherPatient => answer(Shape::OtherPatient),
+            // MLLP has no redirects; a routing loop sends the query back as the "reply".
+            Fault::Redirect => frame.to_vec(),
+            // The source is gone: open connections are reset, new ones refused (the listener).
+            Fault::Refused => {
+                let _ = framed.get_ref().set_zero_linger();
+                return;
+            }
+            Fault::Reset => {
+                let reply = answer(Shape::Normal);
+                let half = reply.get(..reply.len() / 2).unwrap_or_default();
+                let stream = framed.get_mut();
+                let _ = stream.write_all(&[SB]).await;
+                let _ = stream.write_all(half).await;
+                let _ = stream.flush().await;
+                // Let the bytes reach the peer before the RST overtakes them.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let _ = stream.set_zero_linger();
+                return;
+            }
+            Fault::Drip => {
+                let wire = [&[SB][..], &answer(Shape::Normal), &[EB, CR]].concat();
+                for byte in wire {
+                    tokio::time::sleep(DRIP_INTERVAL).await;
+                    if framed.get_mut().write_all(&[byte]).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Fault::Oversize => {
+                static PAD: [u8; 64 * 1024] = [b'X'; 64 * 1024];
+                let stream = framed.get_mut();
+                let _ = stream.write_all(&[SB]).await;
+                for _ in 0..OVERSIZE_BYTES / PAD.len() {
+                    if stream.write_all(&PAD).await.is_err() {
                         break;
                     }
                 }
-            });
+                // A frame that never ends: all that is left is to close.
+                return;
+            }
+        };
+        if framed.send(reply).await.is_err() {
+            break;
         }
-    })
+    }
+}
+
+/// What the reply to a query should look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Normal,
+    /// MSA AE with ERR 207.
+    Error,
+    /// A well-formed message of the wrong type: ACK^Q22 AA, no query response.
+    WrongShape,
+    /// The reply's PID carries a different NHS number.
+    OtherPatient,
 }
 
 /// What the query asked, as far as the reply needs it.
@@ -124,7 +199,7 @@ fn read_query(msg: &Message<'_>) -> Asked {
 }
 
 /// The reply to one query frame.
-fn answer(frame: &[u8], records: &dyn Records, source: &SourceSpec, error: bool) -> String {
+fn answer(frame: &[u8], records: &dyn Records, source: &SourceSpec, shape: Shape) -> String {
     let Ok(text) = Text::decode(frame) else {
         return reject(source, "", "100");
     };
@@ -135,13 +210,41 @@ fn answer(frame: &[u8], records: &dyn Records, source: &SourceSpec, error: bool)
     if msg.message_type() != "QBP^Q22" {
         return reject(source, &asked.control_id, "200");
     }
-    if error {
-        return reply(source, &asked, "AE", "AE", Some("207"), None);
+    match shape {
+        Shape::Normal | Shape::OtherPatient => {}
+        Shape::Error => return reply(source, &asked, "AE", "AE", Some("207"), None),
+        Shape::WrongShape => {
+            let mut b = Builder::new();
+            msh(
+                &mut b,
+                source,
+                &asked.sender_app,
+                &asked.sender_facility,
+                ["ACK", "Q22", "ACK"],
+            );
+            b.segment("MSA", [["AA"], [asked.control_id.as_str()]]);
+            return b.finish();
+        }
     }
     let Some(nhs) = asked.nhs else {
         return reply(source, &asked, "AE", "AE", Some("204"), None);
     };
     let record = records.record(&nhs);
+    if shape == Shape::OtherPatient
+        && let Some(mut someone) = record.clone()
+    {
+        // Someone else's PID, whether or not this trust knows the patient asked for.
+        let hospital_number = someone.local_id(&source.ods).unwrap_or("X1").to_owned();
+        someone.demographics.nhs_number = someone_else(&nhs);
+        return reply(
+            source,
+            &asked,
+            "AA",
+            "OK",
+            None,
+            Some((&someone, &hospital_number)),
+        );
+    }
     match record
         .as_ref()
         .and_then(|r| r.local_id(&source.ods).map(|id| (r, id)))
