@@ -95,7 +95,7 @@ async fn serve_connection(
             }
             Fault::None => answer(Shape::Normal),
             Fault::Error => answer(Shape::Error),
-            Fault::WrongShape => answer(Shape::WrongShape),
+            Fault::WrongShape => answer(Shape::WrongType),
             Fault::OtherPatient => answer(Shape::OtherPatient),
             // MLLP has no redirects; a routing loop sends the query back as the "reply".
             Fault::Redirect => frame.to_vec(),
@@ -152,7 +152,7 @@ enum Shape {
     /// MSA AE with ERR 207.
     Error,
     /// A well-formed message of the wrong type: ACK^Q22 AA, no query response.
-    WrongShape,
+    WrongType,
     /// The reply's PID carries a different NHS number.
     OtherPatient,
 }
@@ -213,7 +213,7 @@ fn answer(frame: &[u8], records: &dyn Records, source: &SourceSpec, shape: Shape
     match shape {
         Shape::Normal | Shape::OtherPatient => {}
         Shape::Error => return reply(source, &asked, "AE", "AE", Some("207"), None),
-        Shape::WrongShape => {
+        Shape::WrongType => {
             let mut b = Builder::new();
             msh(
                 &mut b,
