@@ -199,46 +199,42 @@ enum Expect {
     Pending,
 }
 
-/// Every fault mode, per protocol (the mapping of each mode to each protocol is in
-/// [`crate::fault`]).
-fn expected(fault: Fault, kind: ConnectorKind) -> Expect {
+/// Every fault mode and what it comes to over FHIR and over HL7 v2 (the mapping of each mode
+/// to each protocol is in [`crate::fault`]).
+const FAULT_MATRIX: [(Fault, Expect, Expect); 12] = {
     use Expect::{Code, Pending};
-    match (fault, kind) {
-        (Fault::None, _) => Code("answered"),
-        (Fault::Hang | Fault::Stall | Fault::Drip | Fault::Slow(_), _) => Pending,
-        (Fault::Reset, _) => Code("transport"),
-        (Fault::Garbage | Fault::WrongShape, _) => Code("malformed"),
-        (Fault::Error, ConnectorKind::Fhir) => Code("status"),
-        (Fault::Error, ConnectorKind::Hl7v2) => Code("rejected"),
-        (Fault::Oversize, _) => Code("too_large"),
-        (Fault::Redirect, ConnectorKind::Fhir) => Code("redirect"),
-        (Fault::Redirect, ConnectorKind::Hl7v2) => Code("malformed"),
-        (Fault::Refused, _) => Code("connect"),
-        (Fault::OtherPatient, _) => Code("patient_mismatch"),
-    }
-}
+    [
+        (Fault::Hang, Pending, Pending),
+        (Fault::Stall, Pending, Pending),
+        (Fault::Reset, Code("transport"), Code("transport")),
+        (Fault::Drip, Pending, Pending),
+        (Fault::Garbage, Code("malformed"), Code("malformed")),
+        (Fault::WrongShape, Code("malformed"), Code("malformed")),
+        (Fault::Error, Code("status"), Code("rejected")),
+        (Fault::Oversize, Code("too_large"), Code("too_large")),
+        (Fault::Redirect, Code("redirect"), Code("malformed")),
+        (Fault::Refused, Code("connect"), Code("connect")),
+        (
+            Fault::OtherPatient,
+            Code("patient_mismatch"),
+            Code("patient_mismatch"),
+        ),
+        (Fault::Slow(Duration::from_secs(60)), Pending, Pending),
+    ]
+};
 
 /// Each fault on a fresh subject: classified (or pending), no patient in the error, and the
 /// connector answers again once the fault is cleared.
 async fn every_fault_is_classified(harness: &dyn Harness) {
-    for fault in [
-        Fault::Hang,
-        Fault::Stall,
-        Fault::Reset,
-        Fault::Drip,
-        Fault::Garbage,
-        Fault::WrongShape,
-        Fault::Error,
-        Fault::Oversize,
-        Fault::Redirect,
-        Fault::Refused,
-        Fault::OtherPatient,
-        Fault::Slow(Duration::from_secs(60)),
-    ] {
+    for (fault, over_fhir, over_hl7) in FAULT_MATRIX {
         let s = harness.start().await;
         let kind = s.connector.descriptor().connector;
         s.fault.set(fault);
-        match expected(fault, kind) {
+        let expected = match kind {
+            ConnectorKind::Fhir => over_fhir,
+            ConnectorKind::Hl7v2 => over_hl7,
+        };
+        match expected {
             Expect::Pending => {
                 let call = s.connector.fetch(SourceQuery::everything(s.known_patient));
                 assert!(

@@ -203,20 +203,15 @@ impl FaultyListener {
                     }
                 }
             }
-            let listener = match (&self.listener, fault) {
-                (Some(l), f) if f != Fault::Stall && f != Fault::Refused => Some(l),
-                _ => None,
+            let accepting = !matches!(fault, Fault::Stall | Fault::Refused);
+            let (Some(listener), true) = (&self.listener, accepting) else {
+                // The switch lives in `self`, so this never fails.
+                let _ = self.fault.changed().await;
+                continue;
             };
             tokio::select! {
-                // The switch lives in `self`, so this never fails.
                 _ = self.fault.changed() => {}
-                accepted = async { Some(listener?.accept().await.map(|(s, _)| s)) }, if listener.is_some() => {
-                    match accepted {
-                        Some(Ok(stream)) => return Ok(stream),
-                        Some(Err(e)) => return Err(e),
-                        None => {}
-                    }
-                }
+                accepted = listener.accept() => return accepted.map(|(stream, _)| stream),
             }
         }
     }
