@@ -129,6 +129,10 @@ async fn fault_matrix(mode: &str, fhir_code: &str, hl7_code: &str) {
             mode,
             &[(FHIR_SOURCE, fhir_code), (HL7_SOURCE, hl7_code)],
         );
+        assert!(
+            !reply.issue_text().contains(&nhs),
+            "{mode}: the outcome names the patient"
+        );
     }
     for (ods, code) in [(FHIR_SOURCE, fhir_code), (HL7_SOURCE, hl7_code)] {
         let row = upstream_row(&demo, ods).await;
@@ -173,6 +177,7 @@ async fn fault_matrix(mode: &str, fhir_code: &str, hl7_code: &str) {
         !logs.contains("panicked"),
         "{mode}: the binary panicked:\n{logs}"
     );
+    assert!(!logs.contains(&nhs), "{mode}: the logs name the patient");
 }
 
 /// `ROUNDS` rounds of `CONCURRENCY` requests at once.
