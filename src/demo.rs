@@ -24,7 +24,9 @@ pub struct DemoArgs {
     listen: std::net::SocketAddr,
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin_listen: std::net::SocketAddr,
-    /// Make a source misbehave: ODS=hang|error|slow:MS|garbage|tls (repeatable).
+    /// Make a source misbehave (repeatable): ODS=MODE, MODE one of hang, stall, reset, drip,
+    /// garbage, wrong-shape, error, oversize, redirect, tls, refused, other-patient,
+    /// slow:MS.
     #[arg(long = "fault", value_parser = parse_fault)]
     faults: Vec<(OdsCode, Fault)>,
     /// Policy directory.

@@ -95,14 +95,20 @@ impl Outcome {
 }
 
 /// Whether a stack's error says the source is unhealthy, for its breaker: it could not be
-/// reached, failed the TLS handshake, broke the connection, answered 5xx or 429, sent
-/// garbage, or did not answer in time. A 4xx, a rejected query or a patient mismatch is the
-/// source working as designed.
+/// reached, failed the TLS handshake, broke the connection, answered 5xx or 429, sent garbage,
+/// redirected (a redirect is never followed, so asking again only loops), or did not answer in
+/// time. A 4xx, a rejected query or a patient mismatch is the source working as designed.
 pub fn counts_against_source(err: &BoxError) -> bool {
     match Outcome::classify(err.as_ref()) {
         Outcome::TimedOut => true,
         Outcome::Failed(e) => {
-            e.is_retryable() || matches!(e, ConnectorError::Malformed(_) | ConnectorError::Tls(_))
+            e.is_retryable()
+                || matches!(
+                    e,
+                    ConnectorError::Malformed(_)
+                        | ConnectorError::Tls(_)
+                        | ConnectorError::Redirected { .. }
+                )
         }
         Outcome::Answered(_) | Outcome::Shed | Outcome::BreakerOpen | Outcome::Internal(_) => false,
     }
@@ -148,5 +154,21 @@ mod tests {
                 "{failure:?}: {text}"
             );
         }
+    }
+
+    fn counts(e: ConnectorError) -> bool {
+        counts_against_source(&(Box::new(e) as BoxError))
+    }
+
+    #[test]
+    fn a_redirect_counts_against_its_source_and_a_mismatch_does_not() {
+        assert!(counts(ConnectorError::Redirected { status: 302 }));
+        assert!(counts(ConnectorError::Malformed("x".into())));
+        assert!(!counts(ConnectorError::PatientMismatch));
+        let failed =
+            Outcome::from_result(Err(Box::new(ConnectorError::Redirected { status: 302 })));
+        assert_eq!(failed.code(), "redirect");
+        let text = failed.shortfall().unwrap_or_default();
+        assert!(text.ends_with("(redirect)"), "{text}");
     }
 }

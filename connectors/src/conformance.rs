@@ -8,7 +8,7 @@ use std::{any::Any, sync::Arc, time::Duration};
 use futures::future::BoxFuture;
 
 use crate::{
-    Connector, ConnectorError, ResourceType, SourceQuery,
+    Connector, ConnectorError, ConnectorKind, ResourceType, SourceQuery,
     fault::{Fault, FaultSwitch},
     nhs::{NHS_NUMBER_SYSTEM, NhsNumber},
 };
@@ -51,6 +51,7 @@ pub async fn run_all(harness: &dyn Harness) {
     garbage_is_malformed(harness.start().await).await;
     hang_is_cancel_safe(harness.start().await).await;
     slow_source_still_answers(harness.start().await).await;
+    every_fault_is_classified(harness).await;
 }
 
 fn assert_no_patient_in(err: &ConnectorError, nhs: &NhsNumber) {
@@ -188,4 +189,99 @@ async fn slow_source_still_answers(s: Subject) {
         .await
         .unwrap_or_else(|e| panic!("slow source: {e}"));
     assert!(record.knows_patient());
+}
+
+/// What a fault comes to at the connector: a classified error with this code, or a call that
+/// never finishes on its own (the gateway's deadline ends it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Code(&'static str),
+    Pending,
+}
+
+/// Every fault mode and what it comes to over FHIR and over HL7 v2 (the mapping of each mode
+/// to each protocol is in [`crate::fault`]).
+const FAULT_MATRIX: [(Fault, Expect, Expect); 12] = {
+    use Expect::{Code, Pending};
+    [
+        (Fault::Hang, Pending, Pending),
+        (Fault::Stall, Pending, Pending),
+        (Fault::Reset, Code("transport"), Code("transport")),
+        (Fault::Drip, Pending, Pending),
+        (Fault::Garbage, Code("malformed"), Code("malformed")),
+        (Fault::WrongShape, Code("malformed"), Code("malformed")),
+        (Fault::Error, Code("status"), Code("rejected")),
+        (Fault::Oversize, Code("too_large"), Code("too_large")),
+        (Fault::Redirect, Code("redirect"), Code("malformed")),
+        (Fault::Refused, Code("connect"), Code("connect")),
+        (
+            Fault::OtherPatient,
+            Code("patient_mismatch"),
+            Code("patient_mismatch"),
+        ),
+        (Fault::Slow(Duration::from_secs(60)), Pending, Pending),
+    ]
+};
+
+/// Each fault on a fresh subject: classified (or pending), no patient in the error, and the
+/// connector answers again once the fault is cleared.
+async fn every_fault_is_classified(harness: &dyn Harness) {
+    for (fault, over_fhir, over_hl7) in FAULT_MATRIX {
+        let s = harness.start().await;
+        let kind = s.connector.descriptor().connector;
+        s.fault.set(fault);
+        let expected = match kind {
+            ConnectorKind::Fhir => over_fhir,
+            ConnectorKind::Hl7v2 => over_hl7,
+        };
+        match expected {
+            Expect::Pending => {
+                let call = s.connector.fetch(SourceQuery::everything(s.known_patient));
+                assert!(
+                    tokio::time::timeout(HANG_WINDOW, call).await.is_err(),
+                    "{fault} over {kind:?}: the call must not finish on its own"
+                );
+            }
+            Expect::Code(code) => {
+                // The simulator's listener reacts on its own task (`refused` closes the port):
+                // ask until the fault shows, within a generous guard.
+                let mut last = None;
+                for _ in 0..100 {
+                    let got = s
+                        .connector
+                        .fetch(SourceQuery::everything(s.known_patient))
+                        .await;
+                    let done = matches!(&got, Err(e) if e.code() == code);
+                    last = Some(got);
+                    if done {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                match last {
+                    Some(Err(err)) if err.code() == code => {
+                        assert_no_patient_in(&err, &s.known_patient)
+                    }
+                    other => panic!("{fault} over {kind:?}: expected `{code}`, got {other:?}"),
+                }
+            }
+        }
+        s.fault.set(Fault::None);
+        let mut recovered = false;
+        for _ in 0..100 {
+            if s.connector
+                .fetch(SourceQuery::everything(s.known_patient))
+                .await
+                .is_ok_and(|r| r.knows_patient())
+            {
+                recovered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            recovered,
+            "{fault} over {kind:?}: the connector answers once the fault is cleared"
+        );
+    }
 }

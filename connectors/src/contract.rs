@@ -239,6 +239,10 @@ pub enum ConnectorError {
     /// The source answered with an error status (HTTP 4xx/5xx).
     #[error("source answered with status {status}")]
     Status { status: u16 },
+    /// The source redirected the query (HTTP 3xx); redirects are never followed, so a
+    /// redirect loop ends at once and a query never leaves for an address not configured.
+    #[error("source redirected the query (status {status}); redirects are not followed")]
+    Redirected { status: u16 },
     /// The source refused the query at the application level (HL7 AE/AR, FHIR OperationOutcome).
     #[error("source rejected the query: {0}")]
     Rejected(String),
@@ -261,6 +265,7 @@ impl ConnectorError {
             Self::Tls(_) => "tls",
             Self::Transport(_) => "transport",
             Self::Status { .. } => "status",
+            Self::Redirected { .. } => "redirect",
             Self::Rejected(_) => "rejected",
             Self::Malformed(_) => "malformed",
             Self::TooLarge { .. } => "too_large",
@@ -276,6 +281,7 @@ impl ConnectorError {
             Self::Tls(_) => false,
             Self::Status { status } => *status >= 500 || *status == 429,
             Self::Rejected(_)
+            | Self::Redirected { .. }
             | Self::Malformed(_)
             | Self::TooLarge { .. }
             | Self::PatientMismatch => false,

@@ -423,10 +423,13 @@ pub fn server_config(
 /// The server side of a simulator's handshake. On failure the connection is drained (up to
 /// a few seconds) before it is closed, so the client reads the alert that says why rather
 /// than a reset caused by its own unread bytes; `None` then.
-pub async fn sim_accept(
+pub async fn sim_accept<S>(
     acceptor: &tokio_rustls::TlsAcceptor,
-    stream: tokio::net::TcpStream,
-) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    stream: S,
+) -> Option<tokio_rustls::server::TlsStream<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::AsyncReadExt;
     match acceptor.accept(stream).into_fallible().await {
         Ok(tls) => Some(tls),

@@ -9,7 +9,7 @@ use super::{Demo, send};
 const FETCHED_AT: &str = "https://tributary.example.org/fhir/StructureDefinition/fetched-at";
 
 /// The upstream table's row for one ODS code.
-async fn upstream_row(demo: &Demo, ods: &str) -> Value {
+pub(super) async fn upstream_row(demo: &Demo, ods: &str) -> Value {
     let reply = send("GET", &format!("{}/admin/upstreams", demo.admin), &[], None).await;
     reply.body["upstreams"]
         .as_array()

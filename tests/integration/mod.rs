@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod budgets;
 mod errors;
+mod faults;
 mod federation;
 mod metrics;
 mod policy;

@@ -226,6 +226,11 @@ impl Inner {
             }
         })?;
         let status = response.status();
+        if status.is_redirection() {
+            return Err(ConnectorError::Redirected {
+                status: status.as_u16(),
+            });
+        }
         if !status.is_success() {
             return Err(ConnectorError::Status {
                 status: status.as_u16(),

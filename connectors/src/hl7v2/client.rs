@@ -423,6 +423,15 @@ pub fn interpret(
         Ok(m) => m,
         Err(e) => return (Err(ConnectorError::Malformed(e.to_string())), false),
     };
+    // Our own query back (an interface engine routing it in a loop) is not an answer.
+    if msg.message_type().starts_with("QBP^") {
+        return (
+            Err(ConnectorError::Malformed(
+                "reply is a query, not a response (routing loop)".into(),
+            )),
+            false,
+        );
+    }
     let Some(msa) = msg.segment("MSA") else {
         return (
             Err(ConnectorError::Malformed("reply has no msa segment".into())),

@@ -7,9 +7,10 @@
 //! procedures and observations. Items of other kinds (medication, immunisation, documents,
 //! consent) are not held by a PAS and are left out. Times are UK local time with an offset.
 //!
-//! Faults, per query: `hang` reads the query and never answers; `error` answers MSA AE with
-//! an ERR segment (207, application internal error); `slow:MS` answers after the delay;
-//! `garbage` answers with a well-framed payload that is not HL7.
+//! Faults, per query, as [`crate::fault`] lists them for MLLP: e.g. `hang` reads the query
+//! and never answers; `error` answers MSA AE with an ERR segment (207, application internal
+//! error); `wrong-shape` answers ACK^Q22; `redirect` sends the query back; `reset` sends half
+//! a frame and an RST; `oversize` sends a frame that never ends.
 
 use std::sync::{
     Arc,
@@ -18,17 +19,21 @@ use std::sync::{
 
 use futures::{SinkExt, StreamExt};
 use rustls::ServerConfig;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::{codec::Framed, either::Either};
+use tokio_util::codec::Framed;
 
 use super::{
     datetime::{date_to_hl7, now_hl7, to_hl7_uk, to_hl7_uk_date},
     message::{Builder, Message, Text, components},
-    mllp::MllpCodec,
+    mllp::{CR, EB, MllpCodec, SB},
 };
 use crate::{
-    fault::{Fault, FaultSwitch},
+    fault::{DRIP_INTERVAL, Fault, FaultSwitch, FaultyListener, OVERSIZE_BYTES, someone_else},
     nhs::NhsNumber,
     synth::model::{Code, Detail, Gender, Item, PatientRecord, Records, SourceSpec},
 };
@@ -61,8 +66,15 @@ pub fn serve_tls(
     let source = Arc::new(source);
     let acceptor = tls.map(TlsAcceptor::from);
     tokio::spawn(async move {
+        let mut listener = match FaultyListener::new(listener, &fault) {
+            Ok(l) => l,
+            Err(_) => {
+                tracing::warn!(source = %source.id, "Simulator listener has no address.");
+                return;
+            }
+        };
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok(stream) = listener.accept().await else {
                 // Out of descriptors or similar: back off briefly instead of spinning.
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
@@ -73,41 +85,120 @@ pub fn serve_tls(
             let fault = fault.clone();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let stream = match acceptor {
-                    None => Either::Left(stream),
+                match acceptor {
+                    None => serve_connection(stream, records, source, fault).await,
                     Some(acceptor) => match crate::tls::sim_accept(&acceptor, stream).await {
-                        Some(tls) => Either::Right(tls),
+                        Some(tls) => serve_connection(tls, records, source, fault).await,
                         None => {
                             tracing::debug!(source = %source.id, "Simulator TLS handshake failed.");
-                            return;
                         }
                     },
-                };
-                let mut framed = Framed::new(stream, MllpCodec::new(MAX_QUERY_BYTES));
-                while let Some(Ok(frame)) = framed.next().await {
-                    let reply = match fault.get() {
-                        // Read the query, never answer: wait for the next one (or the close).
-                        Fault::Hang => continue,
-                        Fault::Garbage => b"<html><body>502 Bad Gateway</body></html>\r\n".to_vec(),
-                        Fault::Slow(delay) => {
-                            tokio::time::sleep(delay).await;
-                            answer(&frame, records.as_ref(), &source, false).into_bytes()
-                        }
-                        Fault::Error => {
-                            answer(&frame, records.as_ref(), &source, true).into_bytes()
-                        }
-                        // A TLS fault shows in the handshake (see `synth::launch`).
-                        Fault::None | Fault::Tls => {
-                            answer(&frame, records.as_ref(), &source, false).into_bytes()
-                        }
-                    };
-                    if framed.send(reply).await.is_err() {
-                        break;
-                    }
                 }
             });
         }
     })
+}
+
+/// A simulator's connection, plain or TLS, with its TCP socket at hand for the faults that
+/// end it with an RST.
+trait SimStream: AsyncRead + AsyncWrite + Unpin + Send {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl SimStream for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl SimStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// Answers the queries on one connection, each under the fault of the moment.
+async fn serve_connection<S: SimStream>(
+    stream: S,
+    records: Arc<dyn Records>,
+    source: Arc<SourceSpec>,
+    fault: FaultSwitch,
+) {
+    let mut framed = Framed::new(stream, MllpCodec::new(MAX_QUERY_BYTES));
+    while let Some(Ok(frame)) = framed.next().await {
+        let answer = |shape| answer(&frame, records.as_ref(), &source, shape).into_bytes();
+        let reply = match fault.get() {
+            // Read the query, never answer: wait for the next one (or the close). On a
+            // connection already open, a stall is a hang.
+            Fault::Hang | Fault::Stall => continue,
+            Fault::Garbage => b"<html><body>502 Bad Gateway</body></html>\r\n".to_vec(),
+            Fault::Slow(delay) => {
+                tokio::time::sleep(delay).await;
+                answer(Shape::Normal)
+            }
+            // A TLS fault shows in the handshake (see `synth::launch`).
+            Fault::None | Fault::Tls => answer(Shape::Normal),
+            Fault::Error => answer(Shape::Error),
+            Fault::WrongShape => answer(Shape::WrongType),
+            Fault::OtherPatient => answer(Shape::OtherPatient),
+            // MLLP has no redirects; a routing loop sends the query back as the "reply".
+            Fault::Redirect => frame.to_vec(),
+            // The source is gone: open connections are reset, new ones refused (the listener).
+            Fault::Refused => {
+                let _ = framed.get_ref().tcp().set_zero_linger();
+                return;
+            }
+            Fault::Reset => {
+                let reply = answer(Shape::Normal);
+                let half = reply.get(..reply.len() / 2).unwrap_or_default();
+                let stream = framed.get_mut();
+                let _ = stream.write_all(&[SB]).await;
+                let _ = stream.write_all(half).await;
+                let _ = stream.flush().await;
+                // Let the bytes reach the peer before the RST overtakes them.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let _ = stream.tcp().set_zero_linger();
+                return;
+            }
+            Fault::Drip => {
+                let wire = [&[SB][..], &answer(Shape::Normal), &[EB, CR]].concat();
+                for byte in wire {
+                    tokio::time::sleep(DRIP_INTERVAL).await;
+                    if framed.get_mut().write_all(&[byte]).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Fault::Oversize => {
+                static PAD: [u8; 64 * 1024] = [b'X'; 64 * 1024];
+                let stream = framed.get_mut();
+                let _ = stream.write_all(&[SB]).await;
+                for _ in 0..OVERSIZE_BYTES / PAD.len() {
+                    if stream.write_all(&PAD).await.is_err() {
+                        break;
+                    }
+                }
+                // A frame that never ends: all that is left is to close.
+                return;
+            }
+        };
+        if framed.send(reply).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// What the reply to a query should look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Normal,
+    /// MSA AE with ERR 207.
+    Error,
+    /// A well-formed message of the wrong type: ACK^Q22 AA, no query response.
+    WrongType,
+    /// The reply's PID carries a different NHS number.
+    OtherPatient,
 }
 
 /// What the query asked, as far as the reply needs it.
@@ -152,7 +243,7 @@ fn read_query(msg: &Message<'_>) -> Asked {
 }
 
 /// The reply to one query frame.
-fn answer(frame: &[u8], records: &dyn Records, source: &SourceSpec, error: bool) -> String {
+fn answer(frame: &[u8], records: &dyn Records, source: &SourceSpec, shape: Shape) -> String {
     let Ok(text) = Text::decode(frame) else {
         return reject(source, "", "100");
     };
@@ -163,13 +254,41 @@ fn answer(frame: &[u8], records: &dyn Records, source: &SourceSpec, error: bool)
     if msg.message_type() != "QBP^Q22" {
         return reject(source, &asked.control_id, "200");
     }
-    if error {
-        return reply(source, &asked, "AE", "AE", Some("207"), None);
+    match shape {
+        Shape::Normal | Shape::OtherPatient => {}
+        Shape::Error => return reply(source, &asked, "AE", "AE", Some("207"), None),
+        Shape::WrongType => {
+            let mut b = Builder::new();
+            msh(
+                &mut b,
+                source,
+                &asked.sender_app,
+                &asked.sender_facility,
+                ["ACK", "Q22", "ACK"],
+            );
+            b.segment("MSA", [["AA"], [asked.control_id.as_str()]]);
+            return b.finish();
+        }
     }
     let Some(nhs) = asked.nhs else {
         return reply(source, &asked, "AE", "AE", Some("204"), None);
     };
     let record = records.record(&nhs);
+    if shape == Shape::OtherPatient
+        && let Some(mut someone) = record.clone()
+    {
+        // Someone else's PID, whether or not this trust knows the patient asked for.
+        let hospital_number = someone.local_id(&source.ods).unwrap_or("X1").to_owned();
+        someone.demographics.nhs_number = someone_else(&nhs);
+        return reply(
+            source,
+            &asked,
+            "AA",
+            "OK",
+            None,
+            Some((&someone, &hospital_number)),
+        );
+    }
     match record
         .as_ref()
         .and_then(|r| r.local_id(&source.ods).map(|id| (r, id)))
