@@ -205,6 +205,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         policy: crate::policy::load_for_serving(&policies)?,
         public_base_url: config.public_base_url,
         policy_dir: Some(policies),
+        limits: config.limits,
+        tls: config.tls,
         sources: config.sources,
     })
     .await?;
