@@ -524,7 +524,14 @@ impl Config {
                     &base.join(t.key_file.get_ref()),
                 ) {
                     Ok(config) => tls = Some(config),
-                    Err(e) => p.at(Some(t.cert_file.span()), "[gateway.tls]", e),
+                    Err(e) => {
+                        let field = if e.starts_with("key_file") {
+                            &t.key_file
+                        } else {
+                            &t.cert_file
+                        };
+                        p.at(Some(field.span()), "[gateway.tls]", e)
+                    }
                 }
             }
             for (field, value, slot) in [
@@ -864,6 +871,85 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
             "{joined}"
         );
         assert!(joined.contains("[shed]: max_in_flight"), "{joined}");
+    }
+
+    #[test]
+    fn limits_fill_in_defaults_and_report_every_problem() {
+        assert_eq!(parse(GOOD).unwrap().limits, Limits::default());
+        let tuned = format!(
+            "{GOOD}\n[limits]\nheader_read_timeout = \"3s\"\nmax_connections = 10\nsub_rate = 0\n"
+        );
+        let l = parse(&tuned).unwrap().limits;
+        assert_eq!(l.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(l.max_connections, 10);
+        assert!(l.sub().is_off());
+        assert!(!l.org().is_off());
+        let bad = format!(
+            "{GOOD}\n[limits]\nmax_header_bytes = 100\nmax_connections = 0\norg_rate = -1\nheader_read_timeout = \"0s\"\n"
+        );
+        let joined = parse(&bad).unwrap_err().join("\n");
+        for expect in [
+            "max_header_bytes must be at least 8192",
+            "max_connections",
+            "org_rate",
+            "header_read_timeout",
+        ] {
+            assert!(joined.contains(expect), "{expect}: {joined}");
+        }
+        let unknown = format!("{GOOD}\n[limits]\nmax_sockets = 3\n");
+        assert!(
+            parse(&unknown)
+                .unwrap_err()
+                .join("\n")
+                .contains("max_sockets")
+        );
+    }
+
+    #[test]
+    fn tls_loads_a_pem_certificate_and_key_and_names_the_bad_file_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let with_tls = |cert: &Path, key: &Path| {
+            GOOD.replace(
+                "listen = \"127.0.0.1:0\"\n",
+                &format!(
+                    "listen = \"127.0.0.1:0\"\n[gateway.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+                    cert.display().to_string(),
+                    key.display().to_string()
+                ),
+            )
+        };
+        let c = parse(&with_tls(&cert_file, &key_file)).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            tls.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+
+        let text = with_tls(&cert_file, &dir.path().join("missing.pem"));
+        let joined = parse(&text).unwrap_err().join("\n");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("key_file"))
+            .unwrap()
+            + 1;
+        assert!(
+            joined.contains(&format!("t.toml:{line}:12: [gateway.tls]: key_file")),
+            "{joined}"
+        );
+        // A certificate file that is not PEM.
+        std::fs::write(dir.path().join("junk.pem"), "not a certificate").unwrap();
+        let joined = parse(&with_tls(&dir.path().join("junk.pem"), &key_file))
+            .unwrap_err()
+            .join("\n");
+        assert!(joined.contains("cert_file"), "{joined}");
     }
 
     #[test]
