@@ -306,11 +306,13 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         &region,
         &launched.sources.len(),
         &running,
-        &token,
-        &org,
+        Client {
+            token: &token,
+            org: &org,
+            ca_file: tls.as_ref().map(|(f, _)| f.as_path()),
+        },
         &samples,
         &args.faults,
-        tls.as_ref().map(|(f, _)| f.as_path()),
     );
     server::stop_signal().await;
     running.shutdown().await;
@@ -318,16 +320,27 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// What a client needs to talk to the demo: its token, the token's organisation, and the CA
+/// to trust under `--tls`.
+struct Client<'a> {
+    token: &'a str,
+    org: &'a OdsCode,
+    ca_file: Option<&'a std::path::Path>,
+}
+
 fn print_banner(
     region: &Region,
     sources: &usize,
     running: &server::Running,
-    token: &str,
-    org: &OdsCode,
+    client: Client<'_>,
     samples: &[(connectors::NhsNumber, Label)],
     faults: &[(OdsCode, Fault)],
-    ca_file: Option<&std::path::Path>,
 ) {
+    let Client {
+        token,
+        org,
+        ca_file,
+    } = client;
     let count = |k: SourceKind| region.sources().iter().filter(|s| s.kind == k).count();
     println!(
         "Tributary demo region (seed {}): trusts {}, GP practices {}, councils {}, private providers {}, demographics services {}; {} patients; {sources} sources, each on its own loopback port.",
