@@ -11,6 +11,7 @@
 //! Over `max_connections`, a plain-HTTP connection is answered at once with a 503
 //! OperationOutcome, `Retry-After: 1` and `Connection: close`, then closed; a TLS connection
 //! is closed before its handshake (a handshake is the expensive part we are refusing to do).
+//! At most 64 refusals are answered at once; past that a refused connection is just closed.
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,6 +36,9 @@ const H2_MAX_STREAMS: u32 = 100;
 const DRAIN: Duration = Duration::from_secs(30);
 /// How long a refused connection may take to read our 503 before it is closed.
 const REFUSE_LINGER: Duration = Duration::from_secs(2);
+/// Refused connections being answered at once; past this a refused connection is just closed,
+/// so a flood of connections cannot grow the refusals themselves without bound.
+const MAX_REFUSING: usize = 64;
 
 /// What one listener serves and how.
 #[derive(Debug, Clone)]
@@ -56,6 +60,7 @@ pub fn serve(
         .max_connections
         .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let permits = Arc::new(Semaphore::new(max));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let builder = Arc::new(builder(&listen.limits));
     let tls = listen.tls.map(tokio_rustls::TlsAcceptor::from);
     let handshake_timeout = listen.limits.tls_handshake_timeout;
@@ -76,8 +81,11 @@ pub fn serve(
             };
             let _ = stream.set_nodelay(true);
             let Ok(permit) = permits.clone().try_acquire_owned() else {
-                if tls.is_none() {
-                    tokio::spawn(refuse(stream));
+                if let (None, Ok(slot)) = (&tls, refusing.clone().try_acquire_owned()) {
+                    tokio::spawn(async move {
+                        refuse(stream).await;
+                        drop(slot);
+                    });
                 }
                 debug!(%peer, "Connection refused: at the connection cap.");
                 continue;
