@@ -131,7 +131,8 @@ impl ShedSettings {
 pub struct Limits {
     /// Request line and headers, in bytes (at least 8192); more is a 431.
     pub max_header_bytes: usize,
-    /// A client must send its whole request head within this time (slowloris), per request.
+    /// A client must send its whole request head within this time (slowloris), per request,
+    /// and a request body within the same time again.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// A TLS client must finish its handshake within this time.

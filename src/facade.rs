@@ -54,6 +54,8 @@ pub struct Facade {
     pub limits: Arc<RateLimits>,
     /// Largest request body (`POST _search` forms); more is a 413.
     pub max_body_bytes: usize,
+    /// A request body must arrive in full within this time; otherwise a 408.
+    pub body_timeout: Duration,
 }
 
 /// The least time a request is given, whatever `Prefer: wait` asks: `wait=0` would otherwise
@@ -746,7 +748,7 @@ async fn type_search_post(
     headers: HeaderMap,
     Path(ty): Path<String>,
     req: axum::Extension<RequestId>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let form = headers
         .get(header::CONTENT_TYPE)
@@ -762,6 +764,7 @@ async fn type_search_post(
             "search by POST takes application/x-www-form-urlencoded parameters",
         ));
     }
+    let body = f.read_body(&headers, body).await?;
     let body = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_request("the form body is not UTF-8"))?;
     search_type(f, headers, ty, Params::parse(Some(body)), req.0).await
@@ -868,6 +871,53 @@ fn source_issues(outcomes: &[SourceOutcome]) -> Vec<Issue> {
 }
 
 impl Facade {
+    /// Reads a request body of at most `max_body_bytes` (413 past it), which must arrive in
+    /// full within `body_timeout` (408 otherwise): a client trickling its body holds nothing
+    /// for long.
+    async fn read_body(
+        &self,
+        headers: &HeaderMap,
+        body: axum::body::Body,
+    ) -> Result<axum::body::Bytes, ApiError> {
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-long",
+                format!(
+                    "the request body is larger than {} bytes",
+                    self.max_body_bytes
+                ),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err(too_large());
+        }
+        match tokio::time::timeout(
+            self.body_timeout,
+            axum::body::to_bytes(body, self.max_body_bytes),
+        )
+        .await
+        {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => {
+                if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                    Err(too_large())
+                } else {
+                    Err(ApiError::bad_request("the request body could not be read"))
+                }
+            }
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request body did not arrive in time",
+            )),
+        }
+    }
+
     async fn run(
         &self,
         asked: &Asked,

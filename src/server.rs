@@ -150,6 +150,8 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         shed: facade::Shedder::new(settings.resilience.shed),
         limits,
         max_body_bytes: settings.limits.max_body_bytes,
+        // The same patience as for the request head.
+        body_timeout: settings.limits.header_read_timeout,
     });
     let admin = admin::router(Admin {
         gateway,

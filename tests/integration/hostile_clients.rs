@@ -97,6 +97,55 @@ async fn oversized_heads_get_431_and_oversized_bodies_get_a_413_outcome() {
     )
     .await;
     assert_eq!(small.status, 200, "{}", small.text);
+    // A chunked body declares no length: it is cut off at the limit as it arrives.
+    let chunk = "x".repeat(2000);
+    let answer = raw(
+        &demo.base,
+        format!(
+            "POST /fhir/Condition/_search HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\ncontent-type: application/x-www-form-urlencoded\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+            chunk.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"too-long\""), "{answer}");
+    assert_eq!(demo.get("/metadata").await.status, 200, "still serving");
+}
+
+#[tokio::test]
+async fn a_body_that_trickles_gets_408_while_others_are_served() {
+    let demo = Demo::start(&["--header-read-timeout", "1s"]).await;
+    let mut slow = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /fhir/Condition/_search HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 100\r\n\r\npatient=",
+            demo.token
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let nhs = demo.patient("typical");
+    assert_eq!(
+        demo.get(&format!("/Condition?patient={nhs}")).await.status,
+        200
+    );
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(CUT_OFF_GUARD, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the trickling client was never cut off");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"OperationOutcome\""), "{answer}");
     assert_eq!(demo.get("/metadata").await.status, 200, "still serving");
 }
 
