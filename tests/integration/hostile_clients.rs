@@ -378,3 +378,57 @@ async fn axum_rejections_and_fallbacks_are_operation_outcomes() {
     }
     assert_eq!(demo.get("/metadata").await.status, 200, "still serving");
 }
+
+#[tokio::test]
+async fn on_sigterm_requests_in_flight_finish_and_new_connections_are_not_taken() {
+    // The typical patient's first trust (RXR in the demo region) answers slowly.
+    let mut demo = Demo::start(&["--fault", "RXR=slow:1500"]).await;
+    let nhs = demo.patient("typical");
+    let url = format!("{}/Patient/{nhs}/$everything", demo.base);
+    let auth = format!("Bearer {}", demo.token);
+    let in_flight =
+        tokio::spawn(async move { send("GET", &url, &[("authorization", &auth)], None).await });
+    // Wait until the gateway is calling the slow trust: the request is in flight.
+    let admin = demo.admin.clone();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let m = send("GET", &format!("{admin}/metrics"), &[], None).await;
+            if m.text.lines().any(|l| {
+                l.starts_with("tributary_source_calls_in_flight{source=\"RXR\"}")
+                    && !l.ends_with(" 0")
+            }) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the request never reached the slow trust");
+    let pid = demo.child.id().unwrap().to_string();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    let reply = in_flight.await.unwrap();
+    assert_eq!(
+        reply.status, 200,
+        "the request in flight finished: {}",
+        reply.text
+    );
+    assert!(
+        !reply.issue_text().contains("RXR"),
+        "and with the slow trust's answer: {}",
+        reply.issue_text()
+    );
+    let exit = tokio::time::timeout(PATIENCE, demo.child.wait())
+        .await
+        .expect("the gateway drained and exited")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        TcpStream::connect(authority(&demo.base)).await.is_err(),
+        "nothing listens after the drain"
+    );
+}
