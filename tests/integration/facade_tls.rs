@@ -50,6 +50,15 @@ async fn https_get(demo: &Demo, path: &str, alpn: &[&[u8]]) -> (u16, String, Vec
     .await
     .unwrap()
     .expect("the certificate verifies against the printed CA");
+    get_on(demo, tls, path).await
+}
+
+/// GET on an established TLS connection, by the protocol ALPN chose.
+async fn get_on(
+    demo: &Demo,
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    path: &str,
+) -> (u16, String, Vec<u8>) {
     let negotiated = tls.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
     let request = Request::get(format!("{}{path}", demo.base))
         .header("authorization", format!("Bearer {}", demo.token))
@@ -186,4 +195,57 @@ async fn plain_http_to_the_tls_port_and_stalled_handshakes_are_dropped() {
     assert!(ended.is_ok(), "the stalled handshake was never dropped");
     let (status, _, _) = https_get(&demo, "/metadata", &[b"http/1.1"]).await;
     assert_eq!(status, 200, "still serving");
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_a_tls_connection_is_closed_before_its_handshake() {
+    let demo = Demo::start(&[
+        "--tls",
+        "--max-connections",
+        "1",
+        "--tls-handshake-timeout",
+        "60s",
+    ])
+    .await;
+    // One connection holds the only place (it is still in its handshake).
+    let held = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    let ca = demo.ca_file.clone().unwrap();
+    let handshake = |ca: std::path::PathBuf, base: String| async move {
+        let tcp = TcpStream::connect(authority(&base)).await.unwrap();
+        tokio::time::timeout(
+            PATIENCE,
+            connector(&ca, &[b"h2"]).connect(ServerName::try_from("127.0.0.1").unwrap(), tcp),
+        )
+        .await
+        .expect("a refused handshake ends, it does not hang")
+    };
+    // The held connection is accepted first; until it is, a second one may still get in, so
+    // wait for the first refusal (a generous guard stops a hang).
+    let refused = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if handshake(ca.clone(), demo.base.clone()).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "a connection over the cap was never refused"
+    );
+    drop(held);
+    // After the release a fresh connection is served (polled until the gateway has seen the
+    // held one close; a generous guard stops a hang).
+    let served = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Ok(tls) = handshake(ca.clone(), demo.base.clone()).await {
+                break get_on(&demo, tls, "/metadata").await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (status, body, _) = served.expect("after the release a connection was never served");
+    assert_eq!(status, 200, "{body}");
 }
