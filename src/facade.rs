@@ -1069,6 +1069,30 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn plain_rejections_become_outcomes_without_quoting_the_request() {
+        let plain = (
+            StatusCode::BAD_REQUEST,
+            "Invalid URL: Cannot parse `9434765919\u{fffd}`",
+        )
+            .into_response();
+        let out = outcome_for_plain(plain);
+        assert_eq!(out.status(), StatusCode::BAD_REQUEST);
+        assert!(is_fhir(&out));
+        let body = axum::body::to_bytes(out.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("\"OperationOutcome\"") && text.contains("\"invalid\""));
+        assert!(!text.contains("9434765919"), "{text}");
+
+        let too_large = outcome_for_plain(StatusCode::PAYLOAD_TOO_LARGE.into_response());
+        assert_eq!(too_large.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(is_fhir(&too_large));
+        let ok = outcome_for_plain((StatusCode::OK, "fine").into_response());
+        assert!(!is_fhir(&ok), "only errors are rewritten");
+    }
+
     #[test]
     fn reasons_must_be_stated() {
         assert_eq!(
