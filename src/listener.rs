@@ -119,7 +119,7 @@ pub fn serve(
             .await
             .is_err()
         {
-            info!("Drain time is up; closing the remaining connections.");
+            info!("Drain time is up; connections still open close when the process exits.");
         }
         Ok(())
     })
