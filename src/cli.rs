@@ -26,6 +26,8 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the demo's many flags make its variant large, which costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway and a synthetic region of real upstream servers on loopback.
@@ -205,6 +207,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         policy: crate::policy::load_for_serving(&policies)?,
         public_base_url: config.public_base_url,
         policy_dir: Some(policies),
+        limits: config.limits,
+        tls: config.tls,
         sources: config.sources,
     })
     .await?;

@@ -38,6 +38,10 @@ pub struct Config {
     pub policies: Option<PathBuf>,
     /// Trace export (`[gateway] otlp_endpoint`, `otlp_protocol`); `OTEL_*` apply otherwise.
     pub otlp: crate::telemetry::OtlpSettings,
+    /// Hostile-client limits at the facade (`[limits]`).
+    pub limits: Limits,
+    /// The facade's certificate and key (`[gateway.tls]`), loaded; plain HTTP without.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     pub sources: Vec<SourceConfig>,
 }
 
@@ -120,6 +124,152 @@ impl ShedSettings {
     }
 }
 
+/// What the facade allows one client (`[limits]`, every field optional): the answer to
+/// slow, large and greedy clients, so that one of them cannot take the gateway from the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Request line and headers, in bytes (at least 8192); more is a 431.
+    pub max_header_bytes: usize,
+    /// A client must send its whole request head within this time (slowloris), per request,
+    /// and a request body within the same time again.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A TLS client must finish its handshake within this time.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Connections open at once; the next plain-HTTP one gets a 503 and is closed, the next
+    /// TLS one is closed before its handshake.
+    pub max_connections: usize,
+    /// Request body (`POST _search` forms), in bytes; more is a 413.
+    pub max_body_bytes: usize,
+    /// Requests per second per user (token `sub`); 0 turns the limit off.
+    pub sub_rate: f64,
+    /// How many requests a user may make at once before the rate applies.
+    pub sub_burst: u32,
+    /// Requests per second per organisation (token `org`); 0 turns the limit off.
+    pub org_rate: f64,
+    pub org_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_body_bytes: 64 * 1024,
+            sub_rate: 50.0,
+            sub_burst: 100,
+            org_rate: 500.0,
+            org_burst: 1000,
+        }
+    }
+}
+
+impl Limits {
+    /// hyper's smallest read buffer.
+    pub const MIN_HEADER_BYTES: usize = 8192;
+
+    pub fn sub(&self) -> crate::ratelimit::Rate {
+        crate::ratelimit::Rate {
+            per_second: self.sub_rate,
+            burst: self.sub_burst,
+        }
+    }
+
+    pub fn org(&self) -> crate::ratelimit::Rate {
+        crate::ratelimit::Rate {
+            per_second: self.org_rate,
+            burst: self.org_burst,
+        }
+    }
+
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.max_header_bytes < Self::MIN_HEADER_BYTES {
+            p.push(format!(
+                "max_header_bytes must be at least {}",
+                Self::MIN_HEADER_BYTES
+            ));
+        }
+        for (name, d) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("tls_handshake_timeout", self.tls_handshake_timeout),
+        ] {
+            if d.is_zero() {
+                p.push(format!("{name} must be more than zero"));
+            }
+        }
+        if self.max_connections == 0 {
+            p.push("max_connections must be at least 1".to_owned());
+        }
+        if self.max_body_bytes == 0 {
+            p.push("max_body_bytes must be at least 1".to_owned());
+        }
+        for (name, rate, burst) in [
+            ("sub", self.sub_rate, self.sub_burst),
+            ("org", self.org_rate, self.org_burst),
+        ] {
+            if !rate.is_finite() || rate < 0.0 {
+                p.push(format!(
+                    "{name}_rate must be a number of requests per second, 0 for no limit"
+                ));
+            } else if rate > 0.0 && burst == 0 {
+                p.push(format!(
+                    "{name}_burst must be at least 1 when {name}_rate is set"
+                ));
+            }
+        }
+        p
+    }
+}
+
+/// The facade's certificate chain and private key as PEM files (`[gateway.tls]`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Spanned<PathBuf>,
+    key_file: Spanned<PathBuf>,
+}
+
+/// A rustls server config for the facade: HTTP/2 and HTTP/1.1 offered by ALPN.
+pub fn tls_server_config(
+    certs: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not make a TLS identity: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
+/// Reads a PEM certificate chain and private key.
+pub fn load_tls(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cert_file {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "cert_file {}: no CERTIFICATE in it",
+            cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("key_file {}: {e}", key_file.display()))?;
+    tls_server_config(certs, key)
+}
+
 /// Token verification settings, keys loaded.
 #[derive(Debug, Clone)]
 pub struct AuthSettings {
@@ -157,6 +307,8 @@ struct RawGateway {
     admin_remote: bool,
     otlp_endpoint: Option<String>,
     otlp_protocol: Option<String>,
+    /// Serve the facade over TLS.
+    tls: Option<RawTls>,
 }
 
 fn default_listen() -> String {
@@ -276,6 +428,7 @@ impl Config {
             (None, None, None, None, Vec::new());
         let mut resilience = Resilience::default();
         let mut resilience_ok = true;
+        let mut limits = Limits::default();
         for (key, value) in document.into_inner() {
             match key.get_ref().as_ref() {
                 "gateway" => gateway = Some(section::<RawGateway>(&mut p, value, "[gateway]")),
@@ -309,6 +462,15 @@ impl Config {
                     }
                     None => resilience_ok = false,
                 },
+                "limits" => match section::<Limits>(&mut p, value, "[limits]") {
+                    Some(l) => {
+                        for problem in l.problems() {
+                            p.at(None, "[limits]", problem);
+                        }
+                        limits = l;
+                    }
+                    None => resilience_ok = false,
+                },
                 "shed" => match section::<ShedSettings>(&mut p, value, "[shed]") {
                     Some(sh) => {
                         for problem in sh.problems() {
@@ -333,7 +495,7 @@ impl Config {
                     Some(key.span()),
                     "TOML",
                     format_args!(
-                        "unknown section `{other}`: expected gateway, budget, cache, hedge, breaker, shed, plan, auth or sources"
+                        "unknown section `{other}`: expected gateway, budget, cache, hedge, breaker, shed, limits, plan, auth or sources"
                     ),
                 ),
             }
@@ -348,13 +510,31 @@ impl Config {
                 admin_remote: false,
                 otlp_endpoint: None,
                 otlp_protocol: None,
+                tls: None,
             })
         });
         let budget = budget.unwrap_or(Some(Budget::default()));
         let plan = plan.unwrap_or(Some(PlanMode::Locate));
 
         let mut addresses = (None, None);
+        let mut tls = None;
         if let Some(g) = &gateway {
+            if let Some(t) = &g.tls {
+                match load_tls(
+                    &base.join(t.cert_file.get_ref()),
+                    &base.join(t.key_file.get_ref()),
+                ) {
+                    Ok(config) => tls = Some(config),
+                    Err(e) => {
+                        let field = if e.starts_with("key_file") {
+                            &t.key_file
+                        } else {
+                            &t.cert_file
+                        };
+                        p.at(Some(field.span()), "[gateway.tls]", e)
+                    }
+                }
+            }
             for (field, value, slot) in [
                 ("listen", &g.listen, &mut addresses.0),
                 ("admin_listen", &g.admin_listen, &mut addresses.1),
@@ -537,6 +717,8 @@ impl Config {
                         endpoint: gateway.otlp_endpoint,
                         protocol: gateway.otlp_protocol,
                     },
+                    limits,
+                    tls,
                     sources,
                 })
             }
@@ -692,6 +874,85 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
             "{joined}"
         );
         assert!(joined.contains("[shed]: max_in_flight"), "{joined}");
+    }
+
+    #[test]
+    fn limits_fill_in_defaults_and_report_every_problem() {
+        assert_eq!(parse(GOOD).unwrap().limits, Limits::default());
+        let tuned = format!(
+            "{GOOD}\n[limits]\nheader_read_timeout = \"3s\"\nmax_connections = 10\nsub_rate = 0\n"
+        );
+        let l = parse(&tuned).unwrap().limits;
+        assert_eq!(l.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(l.max_connections, 10);
+        assert!(l.sub().is_off());
+        assert!(!l.org().is_off());
+        let bad = format!(
+            "{GOOD}\n[limits]\nmax_header_bytes = 100\nmax_connections = 0\norg_rate = -1\nheader_read_timeout = \"0s\"\n"
+        );
+        let joined = parse(&bad).unwrap_err().join("\n");
+        for expect in [
+            "max_header_bytes must be at least 8192",
+            "max_connections",
+            "org_rate",
+            "header_read_timeout",
+        ] {
+            assert!(joined.contains(expect), "{expect}: {joined}");
+        }
+        let unknown = format!("{GOOD}\n[limits]\nmax_sockets = 3\n");
+        assert!(
+            parse(&unknown)
+                .unwrap_err()
+                .join("\n")
+                .contains("max_sockets")
+        );
+    }
+
+    #[test]
+    fn tls_loads_a_pem_certificate_and_key_and_names_the_bad_file_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let with_tls = |cert: &Path, key: &Path| {
+            GOOD.replace(
+                "listen = \"127.0.0.1:0\"\n",
+                &format!(
+                    "listen = \"127.0.0.1:0\"\n[gateway.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+                    cert.display().to_string(),
+                    key.display().to_string()
+                ),
+            )
+        };
+        let c = parse(&with_tls(&cert_file, &key_file)).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            tls.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+
+        let text = with_tls(&cert_file, &dir.path().join("missing.pem"));
+        let joined = parse(&text).unwrap_err().join("\n");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("key_file"))
+            .unwrap()
+            + 1;
+        assert!(
+            joined.contains(&format!("t.toml:{line}:12: [gateway.tls]: key_file")),
+            "{joined}"
+        );
+        // A certificate file that is not PEM.
+        std::fs::write(dir.path().join("junk.pem"), "not a certificate").unwrap();
+        let joined = parse(&with_tls(&dir.path().join("junk.pem"), &key_file))
+            .unwrap_err()
+            .join("\n");
+        assert!(joined.contains("cert_file"), "{joined}");
     }
 
     #[test]

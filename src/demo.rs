@@ -13,7 +13,7 @@ use connectors::{
 use crate::{
     auth::{self, TrustedKey},
     cache::CacheSettings,
-    config::{AuthSettings, Budget, Resilience, SourceConfig},
+    config::{AuthSettings, Budget, Limits, Resilience, SourceConfig},
     plan::PlanMode,
     server,
 };
@@ -77,9 +77,62 @@ pub struct DemoArgs {
     /// Calls in flight to one source at once (the bulkhead).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     source_concurrency: u32,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1) with a certificate made at start by a new demo CA;
+    /// the CA's PEM file is written and printed (`CA file PATH`) for clients to trust.
+    #[arg(long)]
+    tls: bool,
+    /// Where `--tls` writes the CA certificate (default: beside the audit directory).
+    #[arg(long, requires = "tls")]
+    ca_out: Option<PathBuf>,
+    /// Largest request head (request line and headers) in bytes; more is a 431.
+    #[arg(long, default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    max_header_bytes: u32,
+    /// A client must send a whole request head within this time (slowloris).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// A TLS client must finish its handshake within this time.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Duration,
+    /// Connections open at once; past it a plain connection gets a 503, a TLS one is closed.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Largest request body in bytes (POST _search forms); more is a 413.
+    #[arg(long, default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_body_bytes: u32,
+    /// Requests per second per user (token sub); 0 turns the limit off.
+    #[arg(long, default_value_t = 50.0)]
+    sub_rate: f64,
+    /// Requests a user may make at once before the rate applies.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    sub_burst: u32,
+    /// Requests per second per organisation (token org); 0 turns the limit off.
+    #[arg(long, default_value_t = 500.0)]
+    org_rate: f64,
+    /// Requests an organisation may make at once before the rate applies.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    org_burst: u32,
 }
 
 impl DemoArgs {
+    /// The hostile-client limits the flags ask for.
+    fn limits(&self) -> Result<Limits, String> {
+        let limits = Limits {
+            max_header_bytes: self.max_header_bytes as usize,
+            header_read_timeout: self.header_read_timeout,
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            max_connections: self.max_connections as usize,
+            max_body_bytes: self.max_body_bytes as usize,
+            sub_rate: self.sub_rate,
+            sub_burst: self.sub_burst,
+            org_rate: self.org_rate,
+            org_burst: self.org_burst,
+        };
+        match limits.problems().as_slice() {
+            [] => Ok(limits),
+            problems => Err(problems.join("; ")),
+        }
+    }
+
     /// The cache, hedge, breaker and shed settings the flags ask for.
     fn resilience(&self) -> Resilience {
         let mut r = Resilience::default();
@@ -105,7 +158,45 @@ fn parse_fault(s: &str) -> Result<(OdsCode, Fault), String> {
     Ok((OdsCode::new(ods.trim()), mode.trim().parse()?))
 }
 
+/// A new CA and a server certificate it signed for 127.0.0.1, ::1 and localhost: the CA's
+/// PEM (for clients to trust) and the server's TLS config.
+pub fn demo_tls() -> Result<(String, Arc<rustls::ServerConfig>), String> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let e = |e: rcgen::Error| format!("cannot make the demo certificate: {e}");
+    let ca_key = KeyPair::generate().map_err(e)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        "Tributary demo CA (made at start, for this run only)",
+    );
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).map_err(e)?;
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    let key = KeyPair::generate().map_err(e)?;
+    let mut server = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ])
+    .map_err(e)?;
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "Tributary demo gateway");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = server.signed_by(&key, &issuer).map_err(e)?;
+    let private = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| format!("cannot use the demo key: {e}"))?;
+    let config =
+        crate::config::tls_server_config(vec![cert.der().clone(), ca_cert.der().clone()], private)?;
+    Ok((ca_cert.pem(), config))
+}
+
 pub async fn run(args: DemoArgs) -> Result<(), String> {
+    let limits = args.limits()?;
     let region = Arc::new(Region::generate(
         args.seed,
         usize::from(args.practices),
@@ -154,6 +245,17 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     let audit_dir = args.audit_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("tributary-demo-audit-{}", std::process::id()))
     });
+    let tls = if args.tls {
+        let (ca_pem, config) = demo_tls()?;
+        let ca_file = args.ca_out.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("tributary-demo-ca-{}.pem", std::process::id()))
+        });
+        std::fs::write(&ca_file, ca_pem)
+            .map_err(|e| format!("cannot write {}: {e}", ca_file.display()))?;
+        Some((ca_file, config))
+    } else {
+        None
+    };
     let running = server::start(server::Settings {
         listen: args.listen,
         admin_listen: args.admin_listen,
@@ -178,6 +280,8 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         policy: crate::policy::load_for_serving(&args.policies)?,
         public_base_url: None,
         policy_dir: Some(args.policies.clone()),
+        limits,
+        tls: tls.as_ref().map(|(_, c)| c.clone()),
         sources,
     })
     .await?;
@@ -204,8 +308,11 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         &region,
         &launched.sources.len(),
         &running,
-        &token,
-        &org,
+        Client {
+            token: &token,
+            org: &org,
+            ca_file: tls.as_ref().map(|(f, _)| f.as_path()),
+        },
         &samples,
         &args.faults,
     );
@@ -215,15 +322,27 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// What a client needs to talk to the demo: its token, the token's organisation, and the CA
+/// to trust under `--tls`.
+struct Client<'a> {
+    token: &'a str,
+    org: &'a OdsCode,
+    ca_file: Option<&'a std::path::Path>,
+}
+
 fn print_banner(
     region: &Region,
     sources: &usize,
     running: &server::Running,
-    token: &str,
-    org: &OdsCode,
+    client: Client<'_>,
     samples: &[(connectors::NhsNumber, Label)],
     faults: &[(OdsCode, Fault)],
 ) {
+    let Client {
+        token,
+        org,
+        ca_file,
+    } = client;
     let count = |k: SourceKind| region.sources().iter().filter(|s| s.kind == k).count();
     println!(
         "Tributary demo region (seed {}): trusts {}, GP practices {}, councils {}, private providers {}, demographics services {}; {} patients; {sources} sources, each on its own loopback port.",
@@ -241,6 +360,14 @@ fn print_banner(
     println!("base URL {}", running.base_url);
     println!("admin URL {}", running.admin_url);
     println!("audit log {}", running.audit_path.display());
+    // curl trusts the demo CA only when told to: every command below carries it.
+    let curl = match ca_file {
+        Some(f) => {
+            println!("CA file {}", f.display());
+            format!("curl -s --cacert '{}'", f.display())
+        }
+        None => "curl -s".to_owned(),
+    };
     println!(
         "A ready bearer token for a Clinical Practitioner (R8000) at {org}, valid for 8 hours:"
     );
@@ -258,14 +385,12 @@ fn print_banner(
     println!();
     println!("Try (paste into a shell):");
     println!("  TOKEN={token}");
-    println!("  curl -s {base}/metadata | head -c 300; echo");
-    println!("  curl -s -H \"Authorization: Bearer $TOKEN\" '{base}/Patient/{example}'");
+    println!("  {curl} {base}/metadata | head -c 300; echo");
+    println!("  {curl} -H \"Authorization: Bearer $TOKEN\" '{base}/Patient/{example}'");
+    println!("  {curl} -H \"Authorization: Bearer $TOKEN\" '{base}/Patient/{example}/$everything'");
+    println!("  {curl} -H \"Authorization: Bearer $TOKEN\" '{base}/Condition?patient={example}'");
     println!(
-        "  curl -s -H \"Authorization: Bearer $TOKEN\" '{base}/Patient/{example}/$everything'"
-    );
-    println!("  curl -s -H \"Authorization: Bearer $TOKEN\" '{base}/Condition?patient={example}'");
-    println!(
-        "  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Prefer: wait=1' '{base}/Patient/{example}/$everything'"
+        "  {curl} -H \"Authorization: Bearer $TOKEN\" -H 'Prefer: wait=1' '{base}/Patient/{example}/$everything'"
     );
     println!("  curl -s {}/admin/upstreams", running.admin_url);
     println!("Tributary is ready. Ctrl-C stops it.");

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::{MatchedPath, Path, RawQuery, Request, State},
+    extract::{DefaultBodyLimit, MatchedPath, Path, RawQuery, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -26,6 +26,7 @@ use crate::{
     outcome::{Outcome, SourceOutcome},
     policy::Denied,
     principal::Principal,
+    ratelimit::{RateLimits, retry_after_secs},
     telemetry::{self, TraceParent},
 };
 
@@ -49,7 +50,18 @@ pub struct Facade {
     pub base_url: Arc<str>,
     /// Load shedding for data requests.
     pub shed: Shedder,
+    /// Per-user and per-organisation rate limits, checked right after authentication.
+    pub limits: Arc<RateLimits>,
+    /// Largest request body (`POST _search` forms); more is a 413.
+    pub max_body_bytes: usize,
+    /// A request body must arrive in full within this time; otherwise a 408.
+    pub body_timeout: Duration,
 }
+
+/// The least time a request is given, whatever `Prefer: wait` asks: `wait=0` would otherwise
+/// be a deadline of now, and always a 504. With it the answer carries what the cache and the
+/// fastest sources have, and its OperationOutcome says the wait was raised.
+pub const MIN_WAIT: Duration = Duration::from_millis(500);
 
 /// Load shedding: at most `max_in_flight` data requests at once; the next is answered at
 /// once with 503, `Retry-After` and an OperationOutcome, never queued. A queued request
@@ -94,6 +106,7 @@ async fn shed(State(s): State<Shedder>, request: Request, next: Next) -> Respons
 /// The facade's router.
 pub fn router(facade: Facade) -> Router {
     let shedder = facade.shed.clone();
+    let body_limit = facade.max_body_bytes;
     Router::new()
         .route("/fhir/metadata", get(metadata))
         .route("/fhir/Patient", get(patient_search))
@@ -107,6 +120,7 @@ pub fn router(facade: Facade) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(facade)
+        .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(shedder, shed))
         .layer(middleware::from_fn(envelope))
 }
@@ -118,6 +132,8 @@ pub struct ApiError {
     issues: Vec<Issue>,
     /// The `WWW-Authenticate` challenge of a 401.
     challenge: Option<&'static str>,
+    /// `Retry-After` in seconds (429, 503).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -126,6 +142,7 @@ impl ApiError {
             status,
             issues: vec![Issue::new("error", code, text)],
             challenge: None,
+            retry_after: None,
         }
     }
 
@@ -145,6 +162,7 @@ impl From<AuthError> for ApiError {
             } else {
                 "Bearer realm=\"tributary\", error=\"invalid_token\""
             }),
+            retry_after: None,
         }
     }
 }
@@ -163,6 +181,11 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(challenge),
             );
+        }
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -225,6 +248,9 @@ async fn envelope(request: Request, next: Next) -> Response {
                 .await
         }
     };
+    if !is_fhir(&response) {
+        response = outcome_for_plain(response);
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, v);
     }
@@ -246,6 +272,51 @@ async fn envelope(request: Request, next: Next) -> Response {
         )
     });
     response
+}
+
+fn is_fhir(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == FHIR_JSON.as_bytes())
+}
+
+/// An answer that did not come from a handler (axum's own rejections: body too large, bad
+/// UTF-8 in the path, a malformed form, ...) becomes an OperationOutcome with the same
+/// status. Its plain-text reason is dropped, not echoed: it may quote the request.
+fn outcome_for_plain(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (code, text) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "too-long",
+            "the request body is larger than this server accepts",
+        ),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
+            "too-long",
+            "the request headers are larger than this server accepts",
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "not-supported",
+            "the request body's media type is not accepted here",
+        ),
+        StatusCode::NOT_FOUND => ("not-supported", "no such endpoint: see GET /fhir/metadata"),
+        StatusCode::METHOD_NOT_ALLOWED => ("not-supported", "this endpoint is read-only: use GET"),
+        s if s.is_client_error() => (
+            "invalid",
+            "the request could not be read: the path, query, headers and body must be well formed and UTF-8",
+        ),
+        _ => ("exception", "the request failed inside the gateway"),
+    };
+    let mut out = ApiError::new(status, code, text).into_response();
+    for name in [header::RETRY_AFTER, header::ALLOW] {
+        if let Some(v) = response.headers().get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
 }
 
 fn new_request_id() -> String {
@@ -339,6 +410,8 @@ struct Asked {
     strict: bool,
     break_glass: Option<String>,
     relationship_claim: Option<String>,
+    /// Said in the answer's OperationOutcome (e.g. that the wait was raised to [`MIN_WAIT`]).
+    notes: Vec<Issue>,
 }
 
 impl Facade {
@@ -349,15 +422,50 @@ impl Facade {
             .map(|v| v.to_str().map_err(|_| AuthError::Malformed))
             .transpose()?;
         let principal = self.verifier.verify_header(authorization)?;
+        // After authentication (the limits are per token) and before any upstream work.
+        if let Err((scope, wait)) = self.limits.check(&principal.sub, principal.org.as_str()) {
+            crate::metrics::global().rate_limited(scope.as_str());
+            info!(scope = scope.as_str(), "Rate limited.");
+            let mut err = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                format!(
+                    "too many requests from this {}: try again after the time in Retry-After",
+                    match scope {
+                        crate::ratelimit::Scope::Sub => "user",
+                        crate::ratelimit::Scope::Org => "organisation",
+                    }
+                ),
+            );
+            err.retry_after = Some(retry_after_secs(wait));
+            return Err(err);
+        }
         let prefer = Prefer::parse(headers)?;
         let budget = &self.gateway.budget;
-        let wait = prefer.wait.map_or(budget.default, |w| w.min(budget.max));
+        let mut notes = Vec::new();
+        let wait = match prefer.wait {
+            None => budget.default,
+            Some(w) if w < MIN_WAIT => {
+                notes.push(Issue::new(
+                    "information",
+                    "informational",
+                    format!(
+                        "Prefer: wait={} was raised to {} ms, the least time the gateway gives a request",
+                        w.as_secs(),
+                        MIN_WAIT.as_millis()
+                    ),
+                ));
+                MIN_WAIT
+            }
+            Some(w) => w.min(budget.max),
+        };
         Ok(Asked {
             principal,
             deadline: Instant::now() + wait,
             strict: prefer.strict,
             break_glass: reason(headers, BREAK_GLASS)?,
             relationship_claim: reason(headers, RELATIONSHIP)?,
+            notes,
         })
     }
 }
@@ -529,7 +637,8 @@ async fn patient_search(
             )));
         }
     };
-    let warnings = params.leftovers(asked.strict)?;
+    let mut warnings = params.leftovers(asked.strict)?;
+    warnings.extend(asked.notes.iter().cloned());
     let answer = f
         .run(
             &asked,
@@ -614,7 +723,8 @@ async fn everything(
             })
             .collect::<Result<_, _>>()?,
     };
-    let warnings = params.leftovers(asked.strict)?;
+    let mut warnings = params.leftovers(asked.strict)?;
+    warnings.extend(asked.notes.iter().cloned());
     let self_url = f.self_link(&req.0);
     let answer = f
         .run(&asked, nhs, types, &req.0.0, "Patient.$everything")
@@ -638,7 +748,7 @@ async fn type_search_post(
     headers: HeaderMap,
     Path(ty): Path<String>,
     req: axum::Extension<RequestId>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let form = headers
         .get(header::CONTENT_TYPE)
@@ -654,6 +764,7 @@ async fn type_search_post(
             "search by POST takes application/x-www-form-urlencoded parameters",
         ));
     }
+    let body = f.read_body(&headers, body).await?;
     let body = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_request("the form body is not UTF-8"))?;
     search_type(f, headers, ty, Params::parse(Some(body)), req.0).await
@@ -693,7 +804,8 @@ async fn search_type(
             )));
         }
     };
-    let warnings = params.leftovers(asked.strict)?;
+    let mut warnings = params.leftovers(asked.strict)?;
+    warnings.extend(asked.notes.iter().cloned());
     let self_url = f.self_link(&req);
     let answer = f
         .run(&asked, nhs, vec![resource_type], &req.0, "search-type")
@@ -728,6 +840,7 @@ fn unavailable(outcomes: &[SourceOutcome]) -> ApiError {
         },
         issues,
         challenge: None,
+        retry_after: None,
     }
 }
 
@@ -758,6 +871,53 @@ fn source_issues(outcomes: &[SourceOutcome]) -> Vec<Issue> {
 }
 
 impl Facade {
+    /// Reads a request body of at most `max_body_bytes` (413 past it), which must arrive in
+    /// full within `body_timeout` (408 otherwise): a client trickling its body holds nothing
+    /// for long.
+    async fn read_body(
+        &self,
+        headers: &HeaderMap,
+        body: axum::body::Body,
+    ) -> Result<axum::body::Bytes, ApiError> {
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-long",
+                format!(
+                    "the request body is larger than {} bytes",
+                    self.max_body_bytes
+                ),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err(too_large());
+        }
+        match tokio::time::timeout(
+            self.body_timeout,
+            axum::body::to_bytes(body, self.max_body_bytes),
+        )
+        .await
+        {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => {
+                if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                    Err(too_large())
+                } else {
+                    Err(ApiError::bad_request("the request body could not be read"))
+                }
+            }
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request body did not arrive in time",
+            )),
+        }
+    }
+
     async fn run(
         &self,
         asked: &Asked,
@@ -907,6 +1067,30 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn plain_rejections_become_outcomes_without_quoting_the_request() {
+        let plain = (
+            StatusCode::BAD_REQUEST,
+            "Invalid URL: Cannot parse `9434765919\u{fffd}`",
+        )
+            .into_response();
+        let out = outcome_for_plain(plain);
+        assert_eq!(out.status(), StatusCode::BAD_REQUEST);
+        assert!(is_fhir(&out));
+        let body = axum::body::to_bytes(out.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("\"OperationOutcome\"") && text.contains("\"invalid\""));
+        assert!(!text.contains("9434765919"), "{text}");
+
+        let too_large = outcome_for_plain(StatusCode::PAYLOAD_TOO_LARGE.into_response());
+        assert_eq!(too_large.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(is_fhir(&too_large));
+        let ok = outcome_for_plain((StatusCode::OK, "fine").into_response());
+        assert!(!is_fhir(&ok), "only errors are rewritten");
     }
 
     #[test]

@@ -103,7 +103,9 @@ pub fn now_rfc3339() -> String {
 
 /// What this server can do, for `GET /fhir/metadata`.
 pub fn capability_statement(base: &str) -> Value {
-    let patient_param = json!({"name": "patient", "type": "reference", "documentation": "The patient's NHS number (Patient/{nhs-number} or the bare number)."});
+    // The facade accepts exactly these (and `_format`); any other parameter, or a modifier
+    // not named here, is ignored and reported (400 under `Prefer: handling=strict`).
+    let patient_param = json!({"name": "patient", "type": "reference", "documentation": format!("The patient's NHS number (Patient/{{nhs-number}} or the bare number); or patient:identifier={NHS_NUMBER_SYSTEM}|{{nhs-number}}. No other modifiers.")});
     let resources: Vec<Value> = ResourceType::ALL
         .iter()
         .map(|t| {
@@ -111,8 +113,11 @@ pub fn capability_statement(base: &str) -> Value {
                 json!({
                     "type": "Patient",
                     "interaction": [{"code": "read"}, {"code": "search-type"}],
-                    "searchParam": [{"name": "identifier", "type": "token", "documentation": format!("{NHS_NUMBER_SYSTEM}|{{nhs-number}}")}],
-                    "operation": [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}],
+                    "searchParam": [
+                        {"name": "identifier", "type": "token", "documentation": format!("{NHS_NUMBER_SYSTEM}|{{nhs-number}}")},
+                        {"name": "_id", "type": "token", "documentation": "The NHS number (the federated Patient's id)."},
+                    ],
+                    "operation": [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything", "documentation": "Takes _type (a comma-separated list of the types served) and no other parameter."}],
                 })
             } else {
                 json!({"type": t.as_str(), "interaction": [{"code": "search-type"}], "searchParam": [patient_param]})
@@ -131,7 +136,7 @@ pub fn capability_statement(base: &str) -> Value {
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "documentation": "A federated record: every answer is assembled at request time from the organisations that hold the data, under sharing policy, within a time budget (Prefer: wait=N).",
+            "documentation": "A federated record: every answer is assembled at request time from the organisations that hold the data, under sharing policy, within a time budget (Prefer: wait=N, raised to at least 500 ms). Unknown search parameters are ignored and reported in the Bundle's OperationOutcome, or refused with 400 under Prefer: handling=strict. Each user (token sub) and organisation (token org) has a rate limit: past it, 429 with Retry-After.",
             "security": {
                 "cors": false,
                 "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "OAuth"}]}],

@@ -247,6 +247,7 @@ pub struct Metrics {
     audit_batch: Family,
     audit_failures: Family,
     audit_head: Family,
+    rate_limited: Family,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -357,7 +358,15 @@ impl Metrics {
                 "Sequence number the next audit record will get (the chain's length).",
                 &[],
             ),
+            rate_limited: counter(
+                "tributary_rate_limited_total",
+                "Requests refused with 429 by the per-user (sub) or per-organisation (org) limit.",
+                &["scope"],
+            ),
         };
+        for scope in ["sub", "org"] {
+            m.rate_limited.touch(&[scope]);
+        }
         for f in [
             &m.cache_hits,
             &m.cache_misses,
@@ -442,6 +451,11 @@ impl Metrics {
         self.audit_batch.observe(&[], records as f64);
     }
 
+    /// A request refused by a rate limit; `scope` is `sub` or `org`, never the key itself.
+    pub fn rate_limited(&self, scope: &'static str) {
+        self.rate_limited.add(&[scope], 1.0);
+    }
+
     pub fn audit_head(&self, next_seq: u64) {
         self.audit_head.set(&[], next_seq as f64);
     }
@@ -466,6 +480,7 @@ impl Metrics {
             &self.audit_batch,
             &self.audit_failures,
             &self.audit_head,
+            &self.rate_limited,
         ] {
             f.render(&mut out);
         }

@@ -1,5 +1,5 @@
 //! Running a gateway: build every source's stack, bind the facade and admin listeners, serve
-//! until told to stop, then drain.
+//! until told to stop, then drain (the accept loop is [`crate::listener`]).
 
 use std::{
     net::SocketAddr,
@@ -8,6 +8,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -17,12 +18,14 @@ use crate::{
     admin::{self, Admin},
     audit::AuditLog,
     auth::Verifier,
-    config::{AuthSettings, Budget, Resilience, SourceConfig},
+    config::{AuthSettings, Budget, Limits, Resilience, SourceConfig},
     facade::{self, Facade},
     fanout::{Source, StackSettings},
     gateway::Gateway,
+    listener::{self, Listen},
     plan::PlanMode,
     policy::PolicyEngine,
+    ratelimit::RateLimits,
     upstreams::UpstreamStats,
 };
 
@@ -43,6 +46,10 @@ pub struct Settings {
     pub policy_dir: Option<PathBuf>,
     /// The base URL clients use; default `http://{listen address}/fhir`.
     pub public_base_url: Option<String>,
+    /// Hostile-client limits at the facade.
+    pub limits: Limits,
+    /// Serve the facade over TLS (HTTP/2 and HTTP/1.1 by ALPN); plain HTTP without.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub sources: Vec<SourceConfig>,
 }
 
@@ -55,6 +62,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     ready: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<std::io::Result<()>>>,
+    sweeper: JoinHandle<()>,
     _policy_watch: Option<crate::policy::WatchHandle>,
 }
 
@@ -119,18 +127,31 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         .map_err(|e| format!("cannot listen on {}: {e}", settings.admin_listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
-    let base_url = settings
-        .public_base_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}/fhir"));
+    let base_url = settings.public_base_url.clone().unwrap_or_else(|| {
+        let scheme = if settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{addr}/fhir")
+    });
 
     let (stop, stopped) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
+    let limits = Arc::new(RateLimits::new(
+        settings.limits.sub(),
+        settings.limits.org(),
+    ));
+    let sweeper = RateLimits::sweeper(limits.clone(), Duration::from_secs(60));
     let facade = facade::router(Facade {
         gateway: gateway.clone(),
         verifier,
         base_url: base_url.as_str().into(),
         shed: facade::Shedder::new(settings.resilience.shed),
+        limits,
+        max_body_bytes: settings.limits.max_body_bytes,
+        // The same patience as for the request head.
+        body_timeout: settings.limits.header_read_timeout,
     });
     let admin = admin::router(Admin {
         gateway,
@@ -138,8 +159,25 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
     })
     .merge(crate::policy::admin_router(policy));
     let tasks = vec![
-        serve(listener, facade, stopped.clone()),
-        serve(admin_listener, admin, stopped),
+        listener::serve(
+            listener,
+            facade,
+            Listen {
+                limits: settings.limits,
+                tls: settings.tls,
+            },
+            stopped.clone(),
+        ),
+        // The admin listener stays plain HTTP (loopback by default), with the same limits.
+        listener::serve(
+            admin_listener,
+            admin,
+            Listen {
+                limits: settings.limits,
+                tls: None,
+            },
+            stopped,
+        ),
     ];
     info!(%addr, admin = %admin_addr, "Tributary is serving.");
     Ok(Running {
@@ -149,21 +187,8 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         stop,
         ready,
         tasks,
+        sweeper,
         _policy_watch: policy_watch,
-    })
-}
-
-fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    mut stopped: watch::Receiver<bool>,
-) -> JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await
     })
 }
 
@@ -172,6 +197,7 @@ impl Running {
     pub async fn shutdown(self) {
         self.ready.store(false, Ordering::Release);
         let _ = self.stop.send(true);
+        self.sweeper.abort();
         for t in self.tasks {
             let _ = t.await;
         }

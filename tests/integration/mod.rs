@@ -5,8 +5,10 @@ mod audit;
 mod auth;
 mod budgets;
 mod errors;
+mod facade_tls;
 mod faults;
 mod federation;
+mod hostile_clients;
 mod metrics;
 mod policy;
 mod serve;
@@ -29,6 +31,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
 /// The most any test waits for the binary to start or a response to arrive. A guard against
 /// a hung test, never a speed assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+/// How long a test waits for the gateway to cut off a client it set a 1 s timeout for:
+/// generous, yet shorter than the 10 s defaults, so an ignored flag fails the test.
+pub const CUT_OFF_GUARD: Duration = Duration::from_secs(8);
 
 /// A running `tributary demo` and what it printed.
 pub struct Demo {
@@ -38,6 +43,10 @@ pub struct Demo {
     pub token: String,
     pub samples: Vec<(String, String)>,
     pub audit_dir: PathBuf,
+    /// The demo CA's PEM file (`--tls`).
+    pub ca_file: Option<PathBuf>,
+    /// Every line printed before ready (the banner and the commands to paste).
+    pub printed: Vec<String>,
     /// Everything the process wrote to stderr (its logs), collected as it runs.
     stderr: mpsc::UnboundedReceiver<String>,
     _dir: TempDir,
@@ -96,6 +105,7 @@ impl Demo {
         let mut stderr = forward_lines(child.stderr.take().unwrap());
         let mut lines = BufReader::new(stdout).lines();
         let (mut base, mut admin, mut token, mut samples) = (None, None, None, Vec::new());
+        let (mut ca_file, mut printed) = (None, Vec::new());
         let started = tokio::time::Instant::now();
         loop {
             let line = tokio::time::timeout(
@@ -113,7 +123,10 @@ impl Demo {
                 }
                 panic!("demo exited before it was ready:\n{logs}");
             };
-            if let Some(v) = line.strip_prefix("base URL ") {
+            printed.push(line.clone());
+            if let Some(v) = line.strip_prefix("CA file ") {
+                ca_file = Some(PathBuf::from(v));
+            } else if let Some(v) = line.strip_prefix("base URL ") {
                 base = Some(v.to_owned());
             } else if let Some(v) = line.strip_prefix("admin URL ") {
                 admin = Some(v.to_owned());
@@ -135,6 +148,8 @@ impl Demo {
             token: token.unwrap(),
             samples,
             audit_dir,
+            ca_file,
+            printed,
             stderr,
             _dir: dir,
         }
