@@ -1,4 +1,4 @@
-//! Hostile upstreams through the real binary: one test per fault mode, each with a FHIR
+//! Hostile upstreams through the real binary: one test per fault mode (TLS included), each with a FHIR
 //! source (a council) and an HL7 v2 trust showing the fault at once (`--fault ODS=MODE`).
 //!
 //! Every reply is a 200 Bundle whose OperationOutcome names each faulted source and the
@@ -73,6 +73,11 @@ async fn reply_over_the_size_cap_is_cut_at_the_cap() {
 #[tokio::test]
 async fn redirect_loop_is_not_followed_and_hl7_routing_loop_is_malformed() {
     fault_matrix("redirect", "redirect", "malformed").await;
+}
+
+#[tokio::test]
+async fn untrusted_tls_certificate_is_a_tls_failure() {
+    fault_matrix("tls", "tls", "tls").await;
 }
 
 #[tokio::test]
