@@ -135,7 +135,8 @@ impl Source {
     /// hedge leg has its own deadline and waits for its own permit.
     pub fn new(connector: Arc<dyn Connector>, settings: StackSettings) -> Self {
         let descriptor = Arc::new(connector.descriptor().clone());
-        let hedger = Hedger::new(settings.hedge, &settings.hedge_pools, descriptor.kind);
+        let hedger = Hedger::new(settings.hedge, &settings.hedge_pools, descriptor.kind)
+            .for_source(descriptor.ods.as_str());
         let timed = ServiceBuilder::new()
             .layer_fn(DeadlineService)
             .concurrency_limit(settings.max_concurrency)

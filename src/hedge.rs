@@ -207,6 +207,8 @@ impl KindLatencies {
 
 struct Shared {
     settings: HedgeSettings,
+    /// The source's ODS code, the label of its hedge counter in `/metrics`.
+    ods: String,
     latencies: Mutex<Latencies>,
     /// Every source of the same kind records here too.
     peers: Arc<Mutex<Latencies>>,
@@ -236,6 +238,7 @@ impl Hedger {
         let share = settings.max_extra_load.clamp(0.0, 1.0) as f32;
         Self(Arc::new(Shared {
             settings,
+            ods: String::new(),
             latencies: Mutex::new(Latencies::new()),
             peers: pools.of(kind),
             budget: TpsBudget::new(BUDGET_MEMORY, 0, share),
@@ -244,6 +247,14 @@ impl Hedger {
             hedge_won: AtomicU64::new(0),
             declined: AtomicU64::new(0),
         }))
+    }
+
+    /// Names the source in `/metrics` (`tributary_source_hedges_total`). Call before cloning.
+    pub fn for_source(mut self, ods: &str) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            shared.ods = ods.to_owned();
+        }
+        self
     }
 
     pub fn counters(&self) -> HedgeCounters {
@@ -351,6 +362,7 @@ impl<S: SourceStack> Service<SourceCall> for HedgeService<S> {
                 return first.await;
             }
             hedger.0.hedged.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::global().hedge(&hedger.0.ods);
             let second = std::pin::pin!(leg(hedger.clone(), inner.oneshot(call)));
             first_success(first, second, &hedger, started).await
         }
@@ -485,6 +497,24 @@ mod tests {
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(hedger.counters().hedge_won, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_sent_is_counted_in_metrics_under_its_source() {
+        let hedger = warmed(20, 0.05).await.for_source("HEDGE1");
+        let (svc, _) = upstream(vec![(1_000, false), (20, false)]);
+        let mut svc = HedgeService::new(svc, hedger);
+        svc.call(call(2_000)).await.unwrap();
+        let text = crate::metrics::global().render();
+        assert!(
+            text.lines()
+                .any(|l| l == r#"tributary_source_hedges_total{source="HEDGE1"} 1"#),
+            "{}",
+            text.lines()
+                .filter(|l| l.contains("hedges"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
 
     #[tokio::test(start_paused = true)]
