@@ -584,13 +584,15 @@ async fn s3(env: &Env, common: &Common) -> Result<Report, String> {
         )
         .await?;
         let t = target(gw.everything_urls(&up.patients), gw.auth());
-        // Warm-up: the hedge needs the sources' percentiles.
+        // Warm-up: the hedge needs the sources' percentiles, and each source's budget its
+        // deposits (5 % of its calls over the last 60 s): a GP practice asked once a second
+        // can afford its first hedge only after 20 calls.
         let _ = open_loop(
             &format!("{name} warm-up"),
             &c,
             &t,
             rate,
-            Duration::from_secs(5),
+            Duration::from_secs(60),
             Duration::from_secs(5),
         )
         .await;
