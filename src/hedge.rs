@@ -12,9 +12,9 @@
 //! Waiting for the source's own recent p95 (from a rotating histogram: the current and the
 //! previous period, so old behaviour ages out) means roughly one call in twenty is hedged
 //! when the source is healthy, and those are the calls in its tail. The extra load is
-//! capped by a budget (tower's `TpsBudget`, 5 % of calls by default): when a source is slow
-//! across the board, hedging every call would double the load on a source that is already
-//! struggling. No hedge is sent when the time left before the deadline is shorter than the
+//! capped by a budget (tower's `TpsBudget`, 5 % of calls by default; see below for whose
+//! calls): when a source is slow across the board, hedging every call would double the load
+//! on a source that is already struggling. No hedge is sent when the time left before the deadline is shorter than the
 //! source's median latency: the second leg could not answer in time.
 //!
 //! # Why sources of one kind pool their latencies, and why the budget remembers a minute
@@ -71,7 +71,8 @@ pub struct HedgeSettings {
     pub enabled: bool,
     /// The source's latency percentile after which a second attempt goes (0..1).
     pub percentile: f64,
-    /// Hedges allowed as a share of calls (0.05 is 5 %).
+    /// Hedges allowed as a share of calls to sources of one kind (0.05 is 5 %); one source
+    /// may spend up to five times this share of its own calls within that.
     pub max_extra_load: f64,
     /// Successful calls seen before the source's percentile is trusted.
     pub min_samples: u64,
