@@ -259,7 +259,22 @@ impl Nginx {
         Err("nginx did not listen".into())
     }
 
+    /// Stops nginx with SIGTERM, so the master takes its workers with it (SIGKILL to the
+    /// master alone leaves the workers running); SIGKILL only if it has not gone in 5 s.
     pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
