@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::{
     breaker::{Breaker, BreakerService, BreakerSettings, BreakerState},
     cache::{AnswerCache, CacheCounters, CacheProbe, CacheService},
-    hedge::{HedgeCounters, HedgeService, HedgeSettings, Hedger},
+    hedge::{HedgeCounters, HedgeService, HedgeSettings, Hedger, KindLatencies},
     outcome::{Outcome, SourceOutcome},
     telemetry,
     upstreams::SourceStats,
@@ -71,6 +71,8 @@ pub struct StackSettings {
     pub max_concurrency: usize,
     pub breaker: BreakerSettings,
     pub hedge: HedgeSettings,
+    /// Latencies pooled per source kind for the hedge (one per gateway: clones share it).
+    pub hedge_pools: KindLatencies,
     /// The gateway's answer cache; `None`: this source's answers are never cached.
     pub cache: Option<AnswerCache>,
 }
@@ -81,6 +83,7 @@ impl Default for StackSettings {
             max_concurrency: 64,
             breaker: BreakerSettings::default(),
             hedge: HedgeSettings::default(),
+            hedge_pools: KindLatencies::default(),
             cache: None,
         }
     }
@@ -132,7 +135,8 @@ impl Source {
     /// hedge leg has its own deadline and waits for its own permit.
     pub fn new(connector: Arc<dyn Connector>, settings: StackSettings) -> Self {
         let descriptor = Arc::new(connector.descriptor().clone());
-        let hedger = Hedger::new(settings.hedge);
+        let hedger = Hedger::new(settings.hedge, &settings.hedge_pools, descriptor.kind)
+            .for_source(descriptor.ods.as_str());
         let timed = ServiceBuilder::new()
             .layer_fn(DeadlineService)
             .concurrency_limit(settings.max_concurrency)

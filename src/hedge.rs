@@ -12,15 +12,36 @@
 //! Waiting for the source's own recent p95 (from a rotating histogram: the current and the
 //! previous period, so old behaviour ages out) means roughly one call in twenty is hedged
 //! when the source is healthy, and those are the calls in its tail. The extra load is
-//! capped by a budget (tower's `TpsBudget`, 5 % of calls by default): when a source is slow
-//! across the board, hedging every call would double the load on a source that is already
-//! struggling. No hedge is sent when the time left before the deadline is shorter than the
+//! capped by a budget (tower's `TpsBudget`, 5 % of calls by default; see below for whose
+//! calls): when a source is slow across the board, hedging every call would double the load
+//! on a source that is already struggling. No hedge is sent when the time left before the deadline is shorter than the
 //! source's median latency: the second leg could not answer in time.
+//!
+//! # Why sources of one kind pool their latencies, and why the budget remembers a minute
+//! In a locate plan each patient's GP practice is asked once, so one practice of hundreds may
+//! see a call a minute: it would never gather the samples for a percentile of its own, and a
+//! budget that forgets deposits after 10 s (5 % of calls, one hedge per 20 calls) would never
+//! hold a whole hedge. Yet the practice's calls are a request's tail as often as a trust's.
+//! So every successful leg is also recorded in a histogram shared by all sources of the same
+//! kind (all GP practices, all trusts, ...), and a source with too few samples of its own is
+//! hedged at its kind's percentile. The budget (5 % of calls) is the kind's, kept for 60 s (the
+//! most tower's `TpsBudget` allows): the extra load it bounds is the whole kind's, and a quiet
+//! practice's tail call can be hedged from what its busy peers deposited. A per-source budget
+//! of the same 5 % was measured (`BENCHMARKS.md`, S3) to decline exactly the tail calls while
+//! total extra load stayed under 3 %: body crossings at a p95 trigger spend a 5 % share as
+//! fast as it fills. Each source also keeps a cap of its own, five times the share, so one
+//! struggling source cannot spend the whole kind's budget.
+//!
+//! When the hedge wins, the first leg is dropped unfinished; its time so far (the threshold
+//! plus the winner's time) is still recorded, as a lower bound. Recording only winners would
+//! hide exactly the slow calls the percentile must see: the threshold would sink, more
+//! calls would cross it, and the budget would run dry on calls that were never in the tail.
 //!
 //! Source calls are FHIR reads and HL7 v2 queries: idempotent, so a second attempt is safe.
 //! Timing is `tokio::time` throughout and tested on a paused clock.
 
 use std::{
+    collections::HashMap,
     fmt,
     future::Future,
     sync::{
@@ -31,7 +52,7 @@ use std::{
     time::Duration,
 };
 
-use connectors::SourceRecord;
+use connectors::{SourceKind, SourceRecord};
 use futures::FutureExt;
 use hdrhistogram::Histogram;
 use serde::Deserialize;
@@ -50,7 +71,8 @@ pub struct HedgeSettings {
     pub enabled: bool,
     /// The source's latency percentile after which a second attempt goes (0..1).
     pub percentile: f64,
-    /// Hedges allowed as a share of calls (0.05 is 5 %).
+    /// Hedges allowed as a share of calls to sources of one kind (0.05 is 5 %); one source
+    /// may spend up to five times this share of its own calls within that.
     pub max_extra_load: f64,
     /// Successful calls seen before the source's percentile is trusted.
     pub min_samples: u64,
@@ -88,7 +110,15 @@ impl HedgeSettings {
     }
 }
 
-/// Latencies of one source's successful calls, in microseconds, over two periods.
+/// How long the hedge budget remembers deposits (tower's `TpsBudget` allows 1 s to 60 s).
+const BUDGET_MEMORY: Duration = Duration::from_secs(60);
+
+/// A source may spend up to this many times the configured share of its own calls, within
+/// its kind's budget of the configured share.
+const SOURCE_CAP: f32 = 5.0;
+
+/// Latencies of one source's (or one kind's) successful calls, in microseconds, over two
+/// periods.
 struct Latencies {
     current: Histogram<u64>,
     previous: Histogram<u64>,
@@ -162,9 +192,48 @@ pub struct HedgeCounters {
     pub declined: u64,
 }
 
+/// What sources of one kind share: their pooled latencies and the hedge budget.
+struct Kind {
+    latencies: Mutex<Latencies>,
+    budget: TpsBudget,
+}
+
+/// Per source kind, the pooled latencies and budget, shared by every source's hedger (one per
+/// gateway: clones share it).
+#[derive(Clone, Default)]
+pub struct KindLatencies(Arc<Mutex<HashMap<SourceKind, Arc<Kind>>>>);
+
+impl fmt::Debug for KindLatencies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KindLatencies").finish_non_exhaustive()
+    }
+}
+
+impl KindLatencies {
+    /// The kind's pool; made on first use with a budget of `share` of the kind's calls.
+    fn of(&self, kind: SourceKind, share: f32) -> Arc<Kind> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_insert_with(|| {
+                Arc::new(Kind {
+                    latencies: Mutex::new(Latencies::new()),
+                    budget: TpsBudget::new(BUDGET_MEMORY, 0, share),
+                })
+            })
+            .clone()
+    }
+}
+
 struct Shared {
     settings: HedgeSettings,
+    /// The source's ODS code, the label of its hedge counter in `/metrics`.
+    ods: String,
     latencies: Mutex<Latencies>,
+    /// Every source of the same kind records here too, and hedges from the kind's budget.
+    peers: Arc<Kind>,
+    /// The source's own cap: [`SOURCE_CAP`] times the kind's share.
     budget: TpsBudget,
     calls: AtomicU64,
     hedged: AtomicU64,
@@ -185,18 +254,30 @@ impl fmt::Debug for Hedger {
 }
 
 impl Hedger {
-    pub fn new(settings: HedgeSettings) -> Self {
+    /// A hedger for a source of `kind`, pooling its latencies with its peers in `pools`.
+    pub fn new(settings: HedgeSettings, pools: &KindLatencies, kind: SourceKind) -> Self {
         // TpsBudget's own bounds: 0..=1000 retries per deposit.
         let share = settings.max_extra_load.clamp(0.0, 1.0) as f32;
+        let own = (share * SOURCE_CAP).min(1.0);
         Self(Arc::new(Shared {
             settings,
+            ods: String::new(),
             latencies: Mutex::new(Latencies::new()),
-            budget: TpsBudget::new(Duration::from_secs(10), 0, share),
+            peers: pools.of(kind, share),
+            budget: TpsBudget::new(BUDGET_MEMORY, 0, own),
             calls: AtomicU64::new(0),
             hedged: AtomicU64::new(0),
             hedge_won: AtomicU64::new(0),
             declined: AtomicU64::new(0),
         }))
+    }
+
+    /// Names the source in `/metrics` (`tributary_source_hedges_total`). Call before cloning.
+    pub fn for_source(mut self, ods: &str) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.0) {
+            shared.ods = ods.to_owned();
+        }
+        self
     }
 
     pub fn counters(&self) -> HedgeCounters {
@@ -208,6 +289,17 @@ impl Hedger {
         }
     }
 
+    /// A call counts towards the source's and the kind's budget.
+    fn deposit(&self) {
+        self.0.budget.deposit();
+        self.0.peers.budget.deposit();
+    }
+
+    /// A hedge needs room in the source's cap and in the kind's budget.
+    fn withdraw(&self) -> bool {
+        self.0.budget.withdraw() && self.0.peers.budget.withdraw()
+    }
+
     fn latencies(&self) -> std::sync::MutexGuard<'_, Latencies> {
         self.0.latencies.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -215,13 +307,28 @@ impl Hedger {
     fn record(&self, elapsed: Duration) {
         let period = self.0.settings.period;
         self.latencies().record(elapsed, period);
+        self.0
+            .peers
+            .latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(elapsed, period);
     }
 
+    /// The source's own (threshold, median) once it has enough samples, else its kind's.
     fn threshold(&self) -> Option<(Duration, Duration)> {
         if !self.0.settings.enabled {
             return None;
         }
-        self.latencies().threshold(&self.0.settings)
+        let own = self.latencies().threshold(&self.0.settings);
+        own.or_else(|| {
+            self.0
+                .peers
+                .latencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .threshold(&self.0.settings)
+        })
     }
 }
 
@@ -273,8 +380,9 @@ impl<S: SourceStack> Service<SourceCall> for HedgeService<S> {
         let inner = self.inner.clone();
         async move {
             hedger.0.calls.fetch_add(1, Ordering::Relaxed);
-            hedger.0.budget.deposit();
+            hedger.deposit();
             let threshold = hedger.threshold();
+            let started = Instant::now();
             let first = leg(hedger.clone(), inner.clone().oneshot(call.clone()));
             let Some((threshold, median)) = threshold else {
                 return first.await;
@@ -285,24 +393,27 @@ impl<S: SourceStack> Service<SourceCall> for HedgeService<S> {
                 () = tokio::time::sleep(threshold) => {}
             }
             let remaining = call.deadline.saturating_duration_since(Instant::now());
-            if remaining < median || !hedger.0.budget.withdraw() {
+            if remaining < median || !hedger.withdraw() {
                 hedger.0.declined.fetch_add(1, Ordering::Relaxed);
                 return first.await;
             }
             hedger.0.hedged.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::global().hedge(&hedger.0.ods);
             let second = std::pin::pin!(leg(hedger.clone(), inner.oneshot(call)));
-            first_success(first, second, &hedger).await
+            first_success(first, second, &hedger, started).await
         }
         .boxed()
     }
 }
 
 /// The first leg to succeed wins; an error waits for the other leg. Both failed: the first
-/// leg's error.
+/// leg's error. When the second wins, the first leg's time so far (from `first_started`) is
+/// recorded: a lower bound of a latency that would otherwise never be seen.
 async fn first_success<A, B>(
     mut first: A,
     mut second: B,
     hedger: &Hedger,
+    first_started: Instant,
 ) -> Result<SourceRecord, BoxError>
 where
     A: Future<Output = Result<SourceRecord, BoxError>> + Unpin,
@@ -319,6 +430,9 @@ where
             result = &mut second, if second_err.is_none() => match result {
                 Ok(record) => {
                     hedger.0.hedge_won.fetch_add(1, Ordering::Relaxed);
+                    if first_err.is_none() {
+                        hedger.record(first_started.elapsed());
+                    }
                     return Ok(record);
                 }
                 Err(e) => match first_err.take() {
@@ -386,14 +500,18 @@ mod tests {
         }
     }
 
+    fn hedger(settings: HedgeSettings) -> Hedger {
+        Hedger::new(settings, &KindLatencies::default(), SourceKind::GpPractice)
+    }
+
     /// A hedger that has seen 100 calls of `ms` each (p95 = p50 = ms), with budget to spare.
     async fn warmed(ms: u64, max_extra_load: f64) -> Hedger {
-        let hedger = Hedger::new(HedgeSettings {
+        let hedger = hedger(HedgeSettings {
             max_extra_load,
             ..HedgeSettings::default()
         });
         for _ in 0..100 {
-            hedger.0.budget.deposit();
+            hedger.deposit();
             hedger.record(Duration::from_millis(ms));
         }
         hedger
@@ -415,6 +533,24 @@ mod tests {
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(hedger.counters().hedge_won, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_sent_is_counted_in_metrics_under_its_source() {
+        let hedger = warmed(20, 0.05).await.for_source("HEDGE1");
+        let (svc, _) = upstream(vec![(1_000, false), (20, false)]);
+        let mut svc = HedgeService::new(svc, hedger);
+        svc.call(call(2_000)).await.unwrap();
+        let text = crate::metrics::global().render();
+        assert!(
+            text.lines()
+                .any(|l| l == r#"tributary_source_hedges_total{source="HEDGE1"} 1"#),
+            "{}",
+            text.lines()
+                .filter(|l| l.contains("hedges"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -441,7 +577,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_budget_caps_hedges_at_the_configured_share_of_calls() {
-        let hedger = Hedger::new(HedgeSettings::default());
+        let hedger = hedger(HedgeSettings::default());
         // So many 20 ms samples that 200 slow calls do not move the p95.
         for _ in 0..10_000 {
             hedger.record(Duration::from_millis(20));
@@ -475,7 +611,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_hedge_before_enough_samples() {
-        let hedger = Hedger::new(HedgeSettings::default());
+        let hedger = hedger(HedgeSettings::default());
         let (svc, calls) = upstream(vec![(500, false)]);
         let mut svc = HedgeService::new(svc, hedger);
         svc.call(call(2_000)).await.unwrap();
@@ -499,5 +635,79 @@ mod tests {
             t >= Duration::from_millis(198),
             "old 20 ms samples aged out: {t:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_without_samples_of_its_own_is_hedged_at_its_kinds_percentile() {
+        let pools = KindLatencies::default();
+        let busy = Hedger::new(HedgeSettings::default(), &pools, SourceKind::GpPractice);
+        for _ in 0..100 {
+            busy.record(Duration::from_millis(20));
+        }
+        let quiet = Hedger::new(HedgeSettings::default(), &pools, SourceKind::GpPractice);
+        let other_kind = Hedger::new(HedgeSettings::default(), &pools, SourceKind::Trust);
+        assert_eq!(other_kind.threshold(), None, "kinds do not share");
+        for _ in 0..100 {
+            quiet.deposit();
+        }
+        let (svc, calls) = upstream(vec![(1_000, false), (20, false)]);
+        let mut svc = HedgeService::new(svc, quiet.clone());
+        let start = Instant::now();
+        let record = svc.call(call(2_000)).await.unwrap();
+        assert_eq!(record.resources[0]["leg"], 1, "the hedge answered");
+        assert!(start.elapsed() <= Duration::from_millis(41));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_called_once_a_second_can_still_afford_its_share_of_hedges() {
+        let hedger = hedger(HedgeSettings::default());
+        // One call a second for a minute: 60 deposits, 5 % of them is 3 hedges.
+        for _ in 0..60 {
+            hedger.deposit();
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let mut hedges = 0;
+        while hedges < 10 && hedger.withdraw() {
+            hedges += 1;
+        }
+        // A budget that forgot deposits after 10 s would hold 10, not enough for one hedge.
+        assert!((2..=3).contains(&hedges), "{hedges}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_source_hedges_from_its_kinds_budget_up_to_its_own_cap() {
+        let pools = KindLatencies::default();
+        let busy = Hedger::new(HedgeSettings::default(), &pools, SourceKind::GpPractice);
+        let quiet = Hedger::new(HedgeSettings::default(), &pools, SourceKind::GpPractice);
+        let trust = Hedger::new(HedgeSettings::default(), &pools, SourceKind::Trust);
+        for _ in 0..1_000 {
+            busy.deposit();
+        }
+        for _ in 0..20 {
+            quiet.deposit();
+            trust.deposit();
+        }
+        let spend = |h: &Hedger| (0..100).take_while(|_| h.withdraw()).count();
+        // 20 calls at 5 % would be one hedge; the kind's deposits allow up to the source's
+        // own cap of 25 %: 5 hedges.
+        assert!((4..=5).contains(&spend(&quiet)), "quiet source");
+        // Another kind's deposits are not shared: 5 % of its own 20 calls.
+        assert_eq!(spend(&trust), 1, "trust");
+        // The busy source still has the kind's budget left: 5 % of 1 020, less the quiet one's.
+        let left = spend(&busy);
+        assert!((44..=48).contains(&left), "busy source: {left}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_leg_a_hedge_beat_still_counts_in_the_percentile() {
+        let hedger = warmed(20, 0.05).await;
+        let (svc, _) = upstream(vec![(1_000, false), (20, false)]);
+        let mut svc = HedgeService::new(svc, hedger.clone());
+        svc.call(call(2_000)).await.unwrap();
+        let l = hedger.latencies();
+        // 100 warm-up samples, the winner's 20 ms, and the loser's 40 ms so far.
+        assert_eq!(l.current.len(), 102);
+        assert!(l.current.max() >= 39_000, "{}", l.current.max());
     }
 }

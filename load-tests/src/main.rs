@@ -13,7 +13,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Empty};
 use loadgen::{HttpClient, Target, client, closed_loop, open_loop};
-use procs::{Env, Gateway, Nginx, Upstreams, proc_stat};
+use procs::{Env, Gateway, Gauges, Nginx, Upstreams, gauges, proc_stat};
 use report::{Machine, Report};
 
 #[derive(Parser)]
@@ -45,6 +45,10 @@ struct Common {
     /// S9's whole soak.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     soak: Duration,
+    /// S4: how long to wait for the gateway's tasks and sockets to return to their baseline
+    /// (hyper's pool evicts, every 90 s, connections idle for 90 s: up to 180 s).
+    #[arg(long, default_value = "200s", value_parser = humantime::parse_duration)]
+    idle_wait: Duration,
 }
 
 #[derive(Subcommand)]
@@ -252,22 +256,16 @@ mod futures_lite {
 
 const NO_CACHE: &str = "[cache]\nmax_bytes = 0\n";
 
-/// Sums the hedge counters over every source (calls, hedged, won, declined).
-async fn hedge_counters(c: &HttpClient, gw: &Gateway) -> [u64; 4] {
-    let Ok((_, body)) = get_body(c, &format!("{}/admin/upstreams", gw.admin), &[]).await else {
-        return [0; 4];
+/// Hedges sent, summed over every source (`tributary_source_hedges_total` in `/metrics`).
+async fn hedges_sent(c: &HttpClient, gw: &Gateway) -> u64 {
+    let Ok((_, body)) = get_body(c, &format!("{}/metrics", gw.admin), &[]).await else {
+        return 0;
     };
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let mut sum = [0; 4];
-    for r in v["upstreams"].as_array().into_iter().flatten() {
-        for (i, k) in ["calls", "hedged", "hedge_won", "declined"]
-            .iter()
-            .enumerate()
-        {
-            sum[i] += r["status"]["hedge"][k].as_u64().unwrap_or(0);
-        }
-    }
-    sum
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| l.starts_with("tributary_source_hedges_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 async fn admin_calls(c: &HttpClient, gw: &Gateway) -> u64 {
@@ -586,13 +584,15 @@ async fn s3(env: &Env, common: &Common) -> Result<Report, String> {
         )
         .await?;
         let t = target(gw.everything_urls(&up.patients), gw.auth());
-        // Warm-up: the hedge needs the sources' percentiles.
+        // Warm-up: the hedge needs the sources' percentiles, and each source's budget its
+        // deposits (5 % of its calls over the last 60 s): a GP practice asked once a second
+        // can afford its first hedge only after 20 calls.
         let _ = open_loop(
             &format!("{name} warm-up"),
             &c,
             &t,
             rate,
-            Duration::from_secs(5),
+            Duration::from_secs(60),
             Duration::from_secs(5),
         )
         .await;
@@ -607,11 +607,11 @@ async fn s3(env: &Env, common: &Common) -> Result<Report, String> {
         )
         .await;
         let r1 = up.requests().await;
-        let h = hedge_counters(&c, &gw).await;
+        let (calls, hedged) = (admin_calls(&c, &gw).await, hedges_sent(&c, &gw).await);
         report.measure(
-            &format!("{name}: source calls / hedged / hedge won / declined (incl. warm-up)"),
-            h[0] as f64,
-            &format!("/ {} / {} / {}", h[1], h[2], h[3]),
+            &format!("{name}: source calls / hedges sent (incl. warm-up)"),
+            calls as f64,
+            &format!("/ {hedged}"),
         );
         results.push((p.clone(), (r1 - r0) as f64 / p.completed.max(1) as f64));
         report.phases.push(p);
@@ -689,8 +689,13 @@ async fn s4(env: &Env, common: &Common) -> Result<Report, String> {
         up.count(),
         faults.join(", ")
     ));
-    let c = client();
     let deadline_ms = 1000.0;
+    // Sources are FHIR GP practices: hyper's pool keeps idle connections without a per-host cap
+    // for 90 to 180 s, so what bounds them is the per-source concurrency limit (each connection
+    // was in use by one call at some moment).
+    let per_source_cap = 64;
+    let idle_cap = up.count() as u64 * per_source_cap;
+    let mut leaks_total = 0u64;
     for (name, breaker) in [("breakers on", "true"), ("breakers off", "false")] {
         let gw = Gateway::start(
             env,
@@ -699,8 +704,12 @@ async fn s4(env: &Env, common: &Common) -> Result<Report, String> {
             &format!("{NO_CACHE}[budget]\ndefault = \"1s\"\n[breaker]\nenabled = {breaker}\n"),
         )
         .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = gauges(&gw.admin).await?;
+        // A client of its own, dropped after the phase: its keep-alive connections to the
+        // gateway close, so what stays open afterwards is the gateway's own.
+        let c = client();
         let t = target(gw.everything_urls(&up.patients), gw.auth());
-        let before = proc_stat(gw.pid);
         let p = open_loop(
             &format!("{name} 10 req/s"),
             &c,
@@ -710,34 +719,63 @@ async fn s4(env: &Env, common: &Common) -> Result<Report, String> {
             Duration::from_secs(10),
         )
         .await;
+        drop(c);
         // Let cancelled calls close; then count what is left.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let after = proc_stat(gw.pid);
+        let soon = gauges(&gw.admin).await?;
+        // Wait for the idle pool to drain: a leak is whatever outlives it.
+        let waited = tokio::time::Instant::now();
+        let mut settled = soon;
+        while (settled.tasks > before.tasks || settled.sockets > before.sockets)
+            && waited.elapsed() < common.idle_wait
+        {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            settled = gauges(&gw.admin).await?;
+        }
+        let settle_s = waited.elapsed().as_secs_f64() + 3.0;
+        let leaked_tasks = settled.tasks.saturating_sub(before.tasks);
+        let leaked_sockets = settled.sockets.saturating_sub(before.sockets);
+        leaks_total += leaked_tasks + leaked_sockets;
         report.ratio(
             &format!("{name}: worst latency / deadline"),
             p.latency_ms.max / deadline_ms,
             "<= 1.02",
             Some(p.latency_ms.max / deadline_ms <= 1.02),
         );
+        let show = |g: &Gauges| format!("{} tasks, {} sockets, {} fds", g.tasks, g.sockets, g.fds);
+        report.notes.push(format!(
+            "{name}: before {}; 3 s after the phase {} (+{} sockets: idle upstream connections, at most {idle_cap} = {} sources x {per_source_cap}); {settle_s:.0} s after {}",
+            show(&before),
+            show(&soon),
+            soon.sockets.saturating_sub(before.sockets),
+            up.count(),
+            show(&settled),
+        ));
         report.measure(
-            &format!("{name}: sockets before / after (+3 s)"),
-            before.sockets as f64,
-            &format!("/ {}", after.sockets),
+            &format!("{name}: tasks left over after {settle_s:.0} s"),
+            leaked_tasks as f64,
+            "",
         );
         report.measure(
-            &format!("{name}: threads before / after"),
-            before.threads as f64,
-            &format!("/ {}", after.threads),
+            &format!("{name}: sockets left over after {settle_s:.0} s"),
+            leaked_sockets as f64,
+            "",
         );
         report.measure(
-            &format!("{name}: fds before / after"),
-            before.fds as f64,
-            &format!("/ {}", after.fds),
+            &format!("{name}: idle sockets 3 s after (cap {idle_cap})"),
+            soon.sockets.saturating_sub(before.sockets) as f64,
+            "",
         );
         report.phases.push(p);
         gw.stop().await;
     }
-    report.notes.push("Latency is from the intended send time at the client, so it includes the client's and loopback's share; the deadline is the request budget (1 s). Sockets after the run include the client pool's idle keep-alive connections to the gateway (one per concurrent request seen) and pooled upstream connections; tasks are not counted (the gateway exposes no runtime metrics).".into());
+    report.ratio(
+        "leaked tasks + sockets (both configs)",
+        leaks_total as f64,
+        "0",
+        Some(leaks_total == 0),
+    );
+    report.notes.push(format!("Latency is from the intended send time at the client, so it includes the client's and loopback's share; the deadline is the request budget (1 s). Leaks: the gateway's own gauges (/metrics: tokio tasks alive, open sockets) are read before the phase, 3 s after it (the generator's connections closed), and then every 2 s until both are back at the baseline or {} s pass; hyper's pool checks every 90 s for connections idle 90 s (so up to 180 s), every pooled connection has a task of its own and every source's pool an idle-reaper task while it holds connections, so tasks and sockets must both return to the baseline once the pools are empty.", common.idle_wait.as_secs()));
     Ok(report)
 }
 
@@ -861,13 +899,15 @@ async fn s8(env: &Env, common: &Common) -> Result<Report, String> {
     Ok(report)
 }
 
-/// S9 (shortened): half capacity with the cache full; RSS, sockets and p99 over time.
+/// S9: half capacity with the cache full (30 minutes unless `--soak` says less); RSS, sockets,
+/// tasks and p99 over time.
 async fn s9(env: &Env, common: &Common) -> Result<Report, String> {
-    let mut report = new_report(
-        "s9",
-        "soak at half capacity, cache full (SHORTENED)",
-        common,
-    );
+    let title = if common.soak < Duration::from_secs(30 * 60) {
+        "soak at half capacity, cache full (SHORTENED)"
+    } else {
+        "soak at half capacity, cache full"
+    };
+    let mut report = new_report("s9", title, common);
     let up = Upstreams::start(env, "s9", &["--practices", "6", "--patients", "2000"]).await?;
     let c = client();
     let (gw, t) = cached_gateway(env, "s9", &up, "", &c, common.cache_mib).await?;
@@ -875,14 +915,24 @@ async fn s9(env: &Env, common: &Common) -> Result<Report, String> {
     let rate = (peak.goodput_rps * 0.5).max(10.0);
     let minutes = (common.soak.as_secs() / 60).max(2);
     let pid = gw.pid;
+    let admin = gw.admin.clone();
     let samples_handle = Arc::new(tokio::sync::Mutex::new(Vec::new()));
     let sh = samples_handle.clone();
     let sampler2 = tokio::spawn(async move {
         let start = tokio::time::Instant::now();
         loop {
+            // The gateway's own gauges; /proc if /metrics cannot be read.
+            let g = gauges(&admin).await.ok();
+            let mut s = proc_stat(pid);
+            if let Some(g) = g {
+                s.sockets = g.sockets;
+                s.fds = g.fds;
+                s.rss_mb = g.rss_mb;
+            }
+            let tasks = g.map(|g| g.tasks);
             sh.lock()
                 .await
-                .push((start.elapsed().as_secs_f64(), proc_stat(pid)));
+                .push((start.elapsed().as_secs_f64(), s, tasks));
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
     });
@@ -905,8 +955,8 @@ async fn s9(env: &Env, common: &Common) -> Result<Report, String> {
     // RSS slope after the first minute (warm-up), MB per minute, least squares.
     let after: Vec<(f64, f64)> = samples
         .iter()
-        .filter(|(t, _)| *t >= 60.0)
-        .map(|(t, s)| (*t / 60.0, s.rss_mb))
+        .filter(|(t, _, _)| *t >= 60.0)
+        .map(|(t, s, _)| (*t / 60.0, s.rss_mb))
         .collect();
     let slope = if after.len() >= 2 {
         let n = after.len() as f64;
@@ -942,12 +992,27 @@ async fn s9(env: &Env, common: &Common) -> Result<Report, String> {
             a.1.threads as f64,
             &format!("/ {}", b.1.threads),
         );
+        report.measure(
+            "tokio tasks start / end",
+            a.2.unwrap_or(0) as f64,
+            &format!("/ {}", b.2.map_or("?".to_owned(), |t| t.to_string())),
+        );
     }
+    let shortened = if minutes < 30 {
+        format!("SHORTENED: {minutes} minutes instead of 30. ")
+    } else {
+        format!("{minutes} minutes. ")
+    };
     report.notes.push(format!(
-        "SHORTENED: {minutes} minutes instead of 30. Samples every 10 s: {}",
+        "{shortened}Samples every 10 s: {}",
         samples
             .iter()
-            .map(|(t, s)| format!("{t:.0}s {:.1}MB {}sock", s.rss_mb, s.sockets))
+            .map(|(t, s, tasks)| format!(
+                "{t:.0}s {:.1}MB {}sock {}tasks",
+                s.rss_mb,
+                s.sockets,
+                tasks.map_or("?".to_owned(), |t| t.to_string())
+            ))
             .collect::<Vec<_>>()
             .join("; ")
     ));

@@ -259,7 +259,22 @@ impl Nginx {
         Err("nginx did not listen".into())
     }
 
+    /// Stops nginx with SIGTERM, so the master takes its workers with it (SIGKILL to the
+    /// master alone leaves the workers running); SIGKILL only if it has not gone in 5 s.
     pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
@@ -317,4 +332,57 @@ pub fn proc_stat(pid: u32) -> ProcStat {
         fds,
         sockets,
     }
+}
+
+/// The gateway's live gauges from its admin `/metrics`: tokio tasks alive, open descriptors,
+/// open sockets and resident memory.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Gauges {
+    pub tasks: u64,
+    pub fds: u64,
+    pub sockets: u64,
+    pub rss_mb: f64,
+}
+
+/// Reads [`Gauges`] over a connection of its own that is closed straight after (no idle pool),
+/// so the reading leaves nothing behind to be counted by the next one.
+pub async fn gauges(admin: &str) -> Result<Gauges, String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::{
+        client::legacy::{Client, connect::HttpConnector},
+        rt::TokioExecutor,
+    };
+    let client: Client<HttpConnector, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(HttpConnector::new());
+    let req = hyper::Request::get(format!("{admin}/metrics"))
+        .header("connection", "close")
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "/metrics did not answer in 10 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let value = |name: &str| -> Result<f64, String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (n, v) = l.split_once(' ')?;
+                (n == name).then(|| v.trim().parse::<f64>().ok()).flatten()
+            })
+            .ok_or_else(|| format!("/metrics has no {name}"))
+    };
+    Ok(Gauges {
+        tasks: value("tributary_runtime_alive_tasks")? as u64,
+        fds: value("process_open_fds")? as u64,
+        sockets: value("tributary_process_open_sockets")? as u64,
+        rss_mb: value("process_resident_memory_bytes")? / (1024.0 * 1024.0),
+    })
 }
