@@ -1,7 +1,7 @@
 //! The FHIR R4 documents the facade writes: searchset Bundles, OperationOutcomes and the
 //! CapabilityStatement.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use connectors::{ResourceType, nhs::NHS_NUMBER_SYSTEM};
 
@@ -41,6 +41,10 @@ pub fn operation_outcome(issues: &[Issue]) -> Value {
 }
 
 /// A searchset Bundle: the matches, then the OperationOutcome entry.
+///
+/// Built by moving each resource into its entry: `json!` would serialise (deep-copy) every
+/// resource once for its entry and again for the Bundle, which was a fifth of a cached
+/// `$everything`'s instructions.
 pub fn searchset(
     id: &str,
     base: &str,
@@ -49,32 +53,40 @@ pub fn searchset(
     outcome: &[Issue],
 ) -> Value {
     let total = matches.len();
-    let mut entries: Vec<Value> = matches
-        .into_iter()
-        .map(|resource| {
-            let full_url = format!(
-                "{base}/{}/{}",
-                resource["resourceType"].as_str().unwrap_or("Resource"),
-                resource["id"].as_str().unwrap_or_default()
-            );
-            json!({"fullUrl": full_url, "resource": resource, "search": {"mode": "match"}})
-        })
-        .collect();
-    entries.push(json!({
-        "fullUrl": format!("urn:uuid:{}", outcome_uuid(id)),
-        "resource": operation_outcome(outcome),
-        "search": {"mode": "outcome"},
-    }));
-    json!({
-        "resourceType": "Bundle",
-        "id": id,
-        "meta": {"lastUpdated": now_rfc3339()},
-        "type": "searchset",
-        "timestamp": now_rfc3339(),
-        "total": total,
-        "link": [{"relation": "self", "url": self_url}],
-        "entry": entries,
-    })
+    let entry = |full_url: String, resource: Value, mode: &str| {
+        let mut e = Map::with_capacity(3);
+        e.insert("fullUrl".into(), Value::String(full_url));
+        e.insert("resource".into(), resource);
+        e.insert("search".into(), json!({ "mode": mode }));
+        Value::Object(e)
+    };
+    let mut entries: Vec<Value> = Vec::with_capacity(total + 1);
+    for resource in matches {
+        let full_url = format!(
+            "{base}/{}/{}",
+            resource["resourceType"].as_str().unwrap_or("Resource"),
+            resource["id"].as_str().unwrap_or_default()
+        );
+        entries.push(entry(full_url, resource, "match"));
+    }
+    entries.push(entry(
+        format!("urn:uuid:{}", outcome_uuid(id)),
+        operation_outcome(outcome),
+        "outcome",
+    ));
+    let mut bundle = Map::with_capacity(8);
+    bundle.insert("resourceType".into(), "Bundle".into());
+    bundle.insert("id".into(), id.into());
+    bundle.insert("meta".into(), json!({"lastUpdated": now_rfc3339()}));
+    bundle.insert("type".into(), "searchset".into());
+    bundle.insert("timestamp".into(), now_rfc3339().into());
+    bundle.insert("total".into(), total.into());
+    bundle.insert(
+        "link".into(),
+        json!([{"relation": "self", "url": self_url}]),
+    );
+    bundle.insert("entry".into(), Value::Array(entries));
+    Value::Object(bundle)
 }
 
 /// A UUID-shaped urn for the outcome entry, derived from the request id (unique per request).

@@ -3,7 +3,13 @@
 //! The facade turns HTTP into a [`FederatedQuery`] and an [`Answer`] back into FHIR; nothing
 //! here knows HTTP or any upstream protocol.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
 
 use connectors::{NhsNumber, ResourceType, SourceKind, SourceQuery};
 use tokio::time::Instant;
@@ -35,6 +41,37 @@ pub struct Gateway {
     pub policy: Arc<PolicyEngine>,
     pub audit: AuditLog,
     pub upstreams: UpstreamStats,
+    /// How long the work after fan-out has taken lately; widens the reserve under load.
+    pub finish: FinishTail,
+}
+
+/// A decaying high-water mark of the work after fan-out (merge, policy, the audit write), so
+/// that the upstream deadline leaves room for it under load as well as when idle.
+///
+/// The configured reserve is the floor. When the box is busy, the audit's `fdatasync` and the
+/// merge queue for CPU and disk and can outgrow a fixed reserve; the request would then reach
+/// its deadline inside the audit write and answer 503 instead of the partial record. Each
+/// sample decays the mark by 1/32, so a spike is forgotten within a few dozen requests.
+#[derive(Debug, Default)]
+pub struct FinishTail(AtomicU64);
+
+impl FinishTail {
+    pub fn observe(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |mark| {
+                Some(sample.max(mark - mark / 32))
+            });
+    }
+
+    /// The reserve for a request with `left` of its budget: half again over the recent mark,
+    /// never under `configured`, and never over a quarter of what is left (upstreams keep
+    /// most of the budget however slow the box is).
+    pub fn reserve(&self, configured: Duration, left: Duration) -> Duration {
+        let recent = Duration::from_micros(self.0.load(Ordering::Relaxed));
+        (recent * 3 / 2).clamp(configured, configured.max(left / 4))
+    }
 }
 
 /// One patient query, as the facade parsed it.
@@ -92,7 +129,11 @@ impl Gateway {
         // coded entry at the GP that a `Condition?patient=` search would not fetch, and the
         // cache keys raw answers by source and patient, not by query shape. What the caller
         // did not ask for is dropped before policy runs and never leaves the gateway.
-        let upstream = upstream_deadline(q.deadline, self.budget.reserve);
+        let reserve = self.finish.reserve(
+            self.budget.reserve,
+            q.deadline.saturating_duration_since(Instant::now()),
+        );
+        let upstream = upstream_deadline(q.deadline, reserve);
         let source_query = SourceQuery::everything(q.nhs_number);
 
         let (demographics_outcome, located) = self
@@ -113,6 +154,7 @@ impl Gateway {
         let mut outcomes = fan_out(&asked, &source_query, upstream)
             .instrument(info_span!("fan_out", sources = asked.len()))
             .await;
+        let fanned_out = Instant::now();
         for o in &outcomes {
             if !o.outcome.is_answered() {
                 warn!(source = %o.source.ods, kind = o.source.kind.as_str(), outcome = o.outcome.code(), "Source did not answer in full.");
@@ -167,9 +209,13 @@ impl Gateway {
         });
         let (decision, withheld) = decision;
         let released = info_span!("merge").in_scope(|| combine(&q.nhs_number, decision.released));
-        self.audit(q, &outcomes, released.len(), withheld, false)
+        let audited = self
+            .audit(q, &outcomes, released.len(), withheld, false)
             .instrument(info_span!("audit"))
-            .await?;
+            .await;
+        // Timed out or not: a write that missed the deadline is what the mark must learn.
+        self.finish.observe(fanned_out.elapsed());
+        audited?;
         Ok(Answer::Record {
             released,
             outcomes,
@@ -261,5 +307,32 @@ impl Gateway {
             Ok(written) => Ok(written?),
             Err(_) => Err(QueryError::Audit(crate::audit::AuditError::timed_out())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_reserve_widens_after_slow_finishes_within_bounds_and_decays() {
+        let tail = FinishTail::default();
+        // Idle: the configured reserve.
+        assert_eq!(tail.reserve(50 * MS, 2000 * MS), 50 * MS);
+        tail.observe(10 * MS);
+        assert_eq!(tail.reserve(50 * MS, 2000 * MS), 50 * MS);
+        // A 120 ms finish: half again over it.
+        tail.observe(120 * MS);
+        assert_eq!(tail.reserve(50 * MS, 2000 * MS), 180 * MS);
+        // Never more than a quarter of what is left, nor less than the configured reserve.
+        assert_eq!(tail.reserve(50 * MS, 400 * MS), 100 * MS);
+        assert_eq!(tail.reserve(50 * MS, 100 * MS), 50 * MS);
+        // Fast finishes wear the mark down.
+        for _ in 0..200 {
+            tail.observe(MS);
+        }
+        assert_eq!(tail.reserve(50 * MS, 2000 * MS), 50 * MS);
     }
 }

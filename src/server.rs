@@ -112,6 +112,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         budget: settings.budget,
         policy: settings.policy,
         audit,
+        finish: Default::default(),
     });
     let verifier = Arc::new(Verifier::new(
         settings.auth.keys,

@@ -140,8 +140,11 @@ impl Gateway {
             "broadcast"
         };
         let key = env.repo.join("src/auth/demo-verifying-key.pem");
+        // One generator sends every request with one token, far past any one clinician's
+        // rate: the per-user and per-organisation limits would measure themselves, not the
+        // gateway, so they are off here (S8 measures shedding, the limit that applies to all).
         let config = format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[plan]\nmode = \"{plan}\"\n\n[auth]\naudience = \"tributary\"\nkeys = [{{ algorithm = \"ES256\", public_key_file = \"{}\" }}]\n\n{sections}\n\n{}",
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[limits]\nsub_rate = 0\norg_rate = 0\n\n[plan]\nmode = \"{plan}\"\n\n[auth]\naudience = \"tributary\"\nkeys = [{{ algorithm = \"ES256\", public_key_file = \"{}\" }}]\n\n{sections}\n\n{}",
             key.display(),
             up.gateway_sources()
         );
