@@ -360,21 +360,21 @@ const POLICY_PARTS: [&str; 3] = ["schema.cedarschema", "roles.toml", "codesets/d
 pub fn policy_load(data: &[u8]) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let text = String::from_utf8_lossy(data);
-    let dir = std::env::temp_dir().join(format!(
+    let scratch = Scratch(std::env::temp_dir().join(format!(
         "tributary-fuzz-policy-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    if write_policy_dir(&dir, &text).is_err() {
-        let _ = std::fs::remove_dir_all(&dir);
+    )));
+    let dir = scratch.0.as_path();
+    if write_policy_dir(dir, &text).is_err() {
         return;
     }
-    let first = PolicyEngine::load(&dir);
-    let second = PolicyEngine::load(&dir);
+    let first = PolicyEngine::load(dir);
+    let second = PolicyEngine::load(dir);
     match (&first, &second) {
         (Ok(engine), Ok(_)) => {
             assert!(
-                engine.reload(&dir).is_ok(),
+                engine.reload(dir).is_ok(),
                 "a loaded directory does not reload"
             );
             assert_eq!(engine.reloads().accepted, 1);
@@ -398,7 +398,15 @@ pub fn policy_load(data: &[u8]) {
         }
         _ => panic!("loading the same directory twice gave different verdicts"),
     }
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A scratch directory, removed however the target ends (a broken invariant included).
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn write_policy_dir(dir: &Path, text: &str) -> std::io::Result<()> {
