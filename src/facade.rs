@@ -528,10 +528,10 @@ impl Prefer {
 }
 
 /// Query parameters, with the ones a route understands taken out and the rest left over.
-struct Params(Vec<(String, String)>);
+pub(crate) struct Params(Vec<(String, String)>);
 
 impl Params {
-    fn parse(query: Option<&str>) -> Self {
+    pub(crate) fn parse(query: Option<&str>) -> Self {
         Self(
             url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
                 .into_owned()
@@ -540,7 +540,7 @@ impl Params {
     }
 
     /// Takes a parameter's single value; repeating it is a 400.
-    fn take(&mut self, name: &str) -> Result<Option<String>, ApiError> {
+    pub(crate) fn take(&mut self, name: &str) -> Result<Option<String>, ApiError> {
         let values: Vec<String> = self
             .0
             .iter()
@@ -559,7 +559,7 @@ impl Params {
 
     /// Unsupported parameters: a 400 under `Prefer: handling=strict`, otherwise warnings
     /// (FHIR's lenient default).
-    fn leftovers(mut self, strict: bool) -> Result<Vec<Issue>, ApiError> {
+    pub(crate) fn leftovers(mut self, strict: bool) -> Result<Vec<Issue>, ApiError> {
         self.0.retain(|(k, _)| k != "_format");
         let names: Vec<String> = self
             .0
@@ -590,7 +590,7 @@ impl Params {
 }
 
 /// A parameter name fit to echo back (names are the caller's, so keep them tame).
-fn printable_name(name: &str) -> String {
+pub(crate) fn printable_name(name: &str) -> String {
     if !name.is_empty()
         && name.len() <= 40
         && name
@@ -604,13 +604,13 @@ fn printable_name(name: &str) -> String {
 }
 
 /// `Patient/NNN`, or the bare number.
-fn patient_reference(value: &str) -> Result<NhsNumber, ApiError> {
+pub(crate) fn patient_reference(value: &str) -> Result<NhsNumber, ApiError> {
     let id = value.strip_prefix("Patient/").unwrap_or(value);
     Ok(NhsNumber::parse(id)?)
 }
 
 /// `https://fhir.nhs.uk/Id/nhs-number|NNN`, `|NNN` or `NNN`.
-fn nhs_token(value: &str) -> Result<NhsNumber, ApiError> {
+pub(crate) fn nhs_token(value: &str) -> Result<NhsNumber, ApiError> {
     let (system, number) = value.rsplit_once('|').unwrap_or(("", value));
     if !system.is_empty() && system != NHS_NUMBER_SYSTEM {
         return Err(ApiError::bad_request(format!(

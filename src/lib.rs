@@ -14,6 +14,8 @@ pub mod demo;
 pub mod facade;
 pub mod fanout;
 pub mod fhir;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod hedge;
 pub mod listener;

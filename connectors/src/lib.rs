@@ -9,6 +9,8 @@ pub mod conformance;
 pub mod contract;
 pub mod fault;
 pub mod fhir;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hl7v2;
 pub mod nhs;
 pub mod synth;

@@ -239,13 +239,19 @@ pub fn load_dir(dir: &Path) -> Result<Bundle, Vec<Diagnostic>> {
     // Schema validation, strict: every error, located in its file.
     if let Some(schema) = &schema {
         let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        let mut found = Vec::new();
         for e in result.validation_errors() {
             let (file, text) = origins
                 .get(e.policy_id())
                 .and_then(|o| texts.get(&o.file).map(|t| (o.file.clone(), t.as_str())))
                 .unwrap_or_else(|| ("?".to_string(), ""));
-            diags.extend(from_miette(&file, text, e, "does not fit the schema: "));
+            found.extend(from_miette(&file, text, e, "does not fit the schema: "));
         }
+        // Cedar reports these in hash order; IG officers should see the same list every run.
+        found.sort_by(|a, b| {
+            (&a.file, a.line, a.col, &a.message).cmp(&(&b.file, b.line, b.col, &b.message))
+        });
+        diags.extend(found);
     }
 
     // Roles.
