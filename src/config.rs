@@ -138,6 +138,14 @@ pub struct Limits {
     /// A TLS client must finish its handshake within this time.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// A connection with no request in flight for this long is closed gracefully
+    /// (HTTP/1.1 keep-alive and HTTP/2 alike).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A write to a client that makes no progress for this long (the client is not reading
+    /// its answers) closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Connections open at once; the next plain-HTTP one gets a 503 and is closed, the next
     /// TLS one is closed before its handshake.
     pub max_connections: usize,
@@ -158,6 +166,8 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
             max_connections: 4096,
             max_body_bytes: 64 * 1024,
             sub_rate: 50.0,
@@ -197,6 +207,8 @@ impl Limits {
         for (name, d) in [
             ("header_read_timeout", self.header_read_timeout),
             ("tls_handshake_timeout", self.tls_handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("write_timeout", self.write_timeout),
         ] {
             if d.is_zero() {
                 p.push(format!("{name} must be more than zero"));

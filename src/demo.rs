@@ -93,6 +93,12 @@ pub struct DemoArgs {
     /// A TLS client must finish its handshake within this time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     tls_handshake_timeout: Duration,
+    /// A connection with no request in flight this long is closed gracefully.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// A write to a client that makes no progress this long closes the connection.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    write_timeout: Duration,
     /// Connections open at once; past it a plain connection gets a 503, a TLS one is closed.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
@@ -120,6 +126,8 @@ impl DemoArgs {
             max_header_bytes: self.max_header_bytes as usize,
             header_read_timeout: self.header_read_timeout,
             tls_handshake_timeout: self.tls_handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
             max_connections: self.max_connections as usize,
             max_body_bytes: self.max_body_bytes as usize,
             sub_rate: self.sub_rate,

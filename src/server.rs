@@ -165,6 +165,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
             Listen {
                 limits: settings.limits,
                 tls: settings.tls,
+                retry_after: settings.resilience.shed.retry_after,
             },
             stopped.clone(),
         ),
@@ -175,6 +176,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
             Listen {
                 limits: settings.limits,
                 tls: None,
+                retry_after: settings.resilience.shed.retry_after,
             },
             stopped,
         ),

@@ -178,20 +178,31 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
 #[tokio::test]
 async fn past_the_connection_cap_a_connection_gets_503_and_after_release_one_is_served() {
     let demo = Demo::start(&["--max-connections", "2", "--header-read-timeout", "60s"]).await;
-    let held: Vec<TcpStream> =
-        futures::future::join_all((0..2).map(|_| TcpStream::connect(authority(&demo.base))))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-    // The two held connections are accepted (and hold their permits) before the third.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let answer = raw(
-        &demo.base,
-        b"GET /fhir/metadata HTTP/1.1\r\nhost: x\r\n\r\n",
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // Each held connection has begun a request head, so it holds its place until the (long)
+    // header timeout, however the gateway bounds connections that send nothing.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(authority(&demo.base)).await.unwrap();
+        stream.write_all(b"GET /fhir/meta").await.unwrap();
+        held.push(stream);
+    }
+    // Until the gateway has accepted both held connections a third may still get in: poll
+    // for the refusal (a generous guard stops a hang).
+    let answer = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let answer = raw(
+                &demo.base,
+                b"GET /fhir/metadata HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            )
+            .await;
+            if answer.starts_with("HTTP/1.1 503") {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a connection over the cap was never refused");
     let lower = answer.to_ascii_lowercase();
     assert!(lower.contains("retry-after: 1"), "{answer}");
     assert!(lower.contains("connection: close"), "{answer}");
@@ -210,6 +221,52 @@ async fn past_the_connection_cap_a_connection_gets_503_and_after_release_one_is_
     })
     .await;
     assert!(served.is_ok(), "a fresh connection was never served");
+}
+
+/// Reads until the gateway closes `stream` (end or reset); false if it is still open after
+/// [`CUT_OFF_GUARD`].
+async fn closed_by_gateway(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(CUT_OFF_GUARD, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn silent_and_preface_only_connections_are_closed_after_the_header_timeout() {
+    let demo = Demo::start(&["--max-connections", "2", "--header-read-timeout", "1s"]).await;
+    // One connection sends nothing; the other only the first line of an HTTP/2 preface
+    // (cleartext HTTP/2 is not served, and nothing waits for the rest of it).
+    let mut silent = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    let mut preface = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    assert!(
+        closed_by_gateway(&mut silent).await,
+        "a connection that never sent a byte was never closed"
+    );
+    assert!(
+        closed_by_gateway(&mut preface).await,
+        "a partial HTTP/2 preface was never closed"
+    );
+    // Their places are free again: a new client is served (polled until the gateway has
+    // released both permits; a generous guard stops a hang).
+    let served = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if demo.get("/metadata").await.status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(served.is_ok(), "the closed connections never freed the cap");
 }
 
 #[tokio::test]
