@@ -145,8 +145,56 @@ async fn a_body_that_trickles_gets_408_while_others_are_served() {
     assert!(ended.is_ok(), "the trickling client was never cut off");
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "the half-read body leaves the connection unusable: {answer}"
+    );
     assert!(answer.contains("\"OperationOutcome\""), "{answer}");
     assert_eq!(demo.get("/metadata").await.status, 200, "still serving");
+}
+
+#[tokio::test]
+async fn an_anonymous_trickling_post_gets_401_before_its_body_and_holds_no_permit() {
+    // One data request at a time, and a body timeout far past the guard: before
+    // authentication came first, this caller held the only permit while its body trickled.
+    let demo = Demo::start(&["--max-in-flight", "1", "--header-read-timeout", "60s"]).await;
+    let mut slow = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    slow.write_all(
+        b"POST /fhir/Condition/_search HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 100\r\n\r\npatient=",
+    )
+    .await
+    .unwrap();
+    // The answer comes without the rest of the body: the guard is far shorter than the body
+    // timeout, so a handler still waiting on the body fails the test.
+    let mut answer = Vec::new();
+    let answered = tokio::time::timeout(CUT_OFF_GUARD, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&answer).contains("OperationOutcome\"") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "the anonymous POST waited for its body");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("www-authenticate: bearer"), "{answer}");
+    assert!(lower.contains("connection: close"), "{answer}");
+    // The only permit is free while that client is still connected.
+    let nhs = demo.patient("typical");
+    assert_eq!(
+        demo.get(&format!("/Condition?patient={nhs}")).await.status,
+        200
+    );
+    drop(slow);
 }
 
 #[tokio::test]
