@@ -228,6 +228,11 @@ impl Limits {
                 p.push(format!(
                     "{name}_rate must be a number of requests per second, 0 for no limit"
                 ));
+            } else if rate > 0.0 && rate < crate::ratelimit::Rate::MIN_PER_SECOND {
+                p.push(format!(
+                    "{name}_rate must be 0 (no limit) or at least {} requests per second",
+                    crate::ratelimit::Rate::MIN_PER_SECOND
+                ));
             } else if rate > 0.0 && burst == 0 {
                 p.push(format!(
                     "{name}_burst must be at least 1 when {name}_rate is set"
@@ -911,6 +916,18 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
         ] {
             assert!(joined.contains(expect), "{expect}: {joined}");
         }
+        let tiny = format!(
+            "{GOOD}\n[limits]\nsub_rate = 1e-20\norg_rate = 0.001\nwrite_timeout = \"0s\"\nidle_timeout = \"0s\"\n"
+        );
+        let joined = parse(&tiny).unwrap_err().join("\n");
+        for expect in [
+            "sub_rate must be 0 (no limit) or at least 0.001 requests per second",
+            "write_timeout must be more than zero",
+            "idle_timeout must be more than zero",
+        ] {
+            assert!(joined.contains(expect), "{expect}: {joined}");
+        }
+        assert!(!joined.contains("org_rate"), "the floor itself is allowed: {joined}");
         let unknown = format!("{GOOD}\n[limits]\nmax_sockets = 3\n");
         assert!(
             parse(&unknown)

@@ -142,7 +142,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         settings.limits.sub(),
         settings.limits.org(),
     ));
-    let sweeper = RateLimits::sweeper(limits.clone(), Duration::from_secs(60));
+    let sweeper = RateLimits::sweeper(&limits, Duration::from_secs(60));
     let facade = facade::router(Facade {
         gateway: gateway.clone(),
         verifier,
