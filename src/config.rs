@@ -70,6 +70,23 @@ fn default_reserve() -> Duration {
     Duration::from_millis(50)
 }
 
+impl Budget {
+    /// The least time a request is given, whatever `Prefer: wait` asks: `wait=0` would
+    /// otherwise be a deadline of now, and always a 504. It is 500 ms, or the reserve plus
+    /// [`Budget::MIN_CALL`] if that is more, and never more than `max`.
+    pub fn wait_floor(&self) -> Duration {
+        self.unclipped_floor().min(self.max)
+    }
+
+    /// The least an upstream call is left once the reserve is kept back.
+    pub const MIN_CALL: Duration = Duration::from_millis(250);
+    const LEAST_WAIT: Duration = Duration::from_millis(500);
+
+    fn unclipped_floor(&self) -> Duration {
+        Self::LEAST_WAIT.max(self.reserve.saturating_add(Self::MIN_CALL))
+    }
+}
+
 impl Default for Budget {
     fn default() -> Self {
         Self {
@@ -604,6 +621,18 @@ impl Config {
                     "reserve must be less than default, or no upstream call has any time",
                 );
             }
+            if b.max < b.unclipped_floor() {
+                p.at(
+                    None,
+                    "[budget]",
+                    format_args!(
+                        "max ({}) is less than the least wait a request is given ({}: 500ms, or reserve + {})",
+                        humantime::format_duration(b.max),
+                        humantime::format_duration(b.unclipped_floor()),
+                        humantime::format_duration(Budget::MIN_CALL)
+                    ),
+                );
+            }
         }
 
         let auth = match auth_section {
@@ -894,6 +923,35 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
     }
 
     #[test]
+    fn the_wait_floor_leaves_the_reserve_a_call_and_never_passes_max() {
+        let ms = Duration::from_millis;
+        let budget = |default, max, reserve| Budget {
+            default: ms(default),
+            max: ms(max),
+            reserve: ms(reserve),
+        };
+        assert_eq!(Budget::default().wait_floor(), ms(500));
+        assert_eq!(
+            budget(2000, 10_000, 900).wait_floor(),
+            ms(1150),
+            "reserve + a call"
+        );
+        assert_eq!(budget(200, 300, 50).wait_floor(), ms(300), "never past max");
+        let joined = parse(&GOOD.replace(
+            "[budget]\ndefault = \"1500ms\"",
+            "[budget]\ndefault = \"1500ms\"\nmax = \"1500ms\"\nreserve = \"1400ms\"",
+        ))
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            joined.contains(
+                "max (1s 500ms) is less than the least wait a request is given (1s 650ms"
+            ),
+            "{joined}"
+        );
+    }
+
+    #[test]
     fn limits_fill_in_defaults_and_report_every_problem() {
         assert_eq!(parse(GOOD).unwrap().limits, Limits::default());
         let tuned = format!(
@@ -927,7 +985,10 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
         ] {
             assert!(joined.contains(expect), "{expect}: {joined}");
         }
-        assert!(!joined.contains("org_rate"), "the floor itself is allowed: {joined}");
+        assert!(
+            !joined.contains("org_rate"),
+            "the floor itself is allowed: {joined}"
+        );
         let unknown = format!("{GOOD}\n[limits]\nmax_sockets = 3\n");
         assert!(
             parse(&unknown)

@@ -58,11 +58,6 @@ pub struct Facade {
     pub body_timeout: Duration,
 }
 
-/// The least time a request is given, whatever `Prefer: wait` asks: `wait=0` would otherwise
-/// be a deadline of now, and always a 504. With it the answer carries what the cache and the
-/// fastest sources have, and its OperationOutcome says the wait was raised.
-pub const MIN_WAIT: Duration = Duration::from_millis(500);
-
 /// Load shedding: at most `max_in_flight` data requests at once; the next is answered at
 /// once with 503, `Retry-After` and an OperationOutcome, never queued. A queued request
 /// would spend its budget waiting and time out anyway, after tying up a connection; a fast
@@ -321,7 +316,10 @@ fn outcome_for_plain(response: Response) -> Response {
             "the request body's media type is not accepted here",
         ),
         StatusCode::NOT_FOUND => ("not-supported", "no such endpoint: see GET /fhir/metadata"),
-        StatusCode::METHOD_NOT_ALLOWED => ("not-supported", "this method is not served on this endpoint (reads are GET, search by POST is _search): see GET /fhir/metadata"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "not-supported",
+            "this method is not served on this endpoint (reads are GET, search by POST is _search): see GET /fhir/metadata",
+        ),
         s if s.is_client_error() => (
             "invalid",
             "the request could not be read: the path, query, headers and body must be well formed and UTF-8",
@@ -428,7 +426,8 @@ struct Asked {
     strict: bool,
     break_glass: Option<String>,
     relationship_claim: Option<String>,
-    /// Said in the answer's OperationOutcome (e.g. that the wait was raised to [`MIN_WAIT`]).
+    /// Said in the answer's OperationOutcome (e.g. that the wait was raised to the floor,
+    /// [`crate::config::Budget::wait_floor`]).
     notes: Vec<Issue>,
 }
 
@@ -462,19 +461,22 @@ impl Facade {
         let prefer = Prefer::parse(headers)?;
         let budget = &self.gateway.budget;
         let mut notes = Vec::new();
+        // With the floor the answer carries what the cache and the fastest sources have, and
+        // its OperationOutcome says the wait was raised.
+        let floor = budget.wait_floor();
         let wait = match prefer.wait {
             None => budget.default,
-            Some(w) if w < MIN_WAIT => {
+            Some(w) if w < floor => {
                 notes.push(Issue::new(
                     "information",
                     "informational",
                     format!(
                         "Prefer: wait={} was raised to {} ms, the least time the gateway gives a request",
                         w.as_secs(),
-                        MIN_WAIT.as_millis()
+                        floor.as_millis()
                     ),
                 ));
-                MIN_WAIT
+                floor
             }
             Some(w) => w.min(budget.max),
         };
@@ -787,10 +789,21 @@ async fn type_search_post(
         )
         .closing());
     }
-    let body = f.read_body(&headers, body).await.map_err(ApiError::closing)?;
+    let body = f
+        .read_body(&headers, body)
+        .await
+        .map_err(ApiError::closing)?;
     let body = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_request("the form body is not UTF-8"))?;
-    search_type(f, &headers, Some(asked), ty, Params::parse(Some(body)), req.0).await
+    search_type(
+        f,
+        &headers,
+        Some(asked),
+        ty,
+        Params::parse(Some(body)),
+        req.0,
+    )
+    .await
 }
 
 /// A type search by GET or POST; `asked` is the caller when the handler has already

@@ -139,8 +139,7 @@ pub fn serve(
                                 } else {
                                     &builders.h1
                                 };
-                                connection(builder, &builders.times, tls_stream, router, stop)
-                                    .await
+                                connection(builder, &builders.times, tls_stream, router, stop).await
                             }
                             Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed."),
                             Err(_) => debug!(%peer, "TLS handshake timed out."),
@@ -345,8 +344,7 @@ impl Watch {
                     return Verdict::Close("no request head arrived in the header read timeout");
                 }
             } else if self.in_flight.load(Ordering::Acquire) == 0
-                && now.saturating_sub(self.idle_since.load(Ordering::Acquire))
-                    >= ms(times.idle)
+                && now.saturating_sub(self.idle_since.load(Ordering::Acquire)) >= ms(times.idle)
             {
                 return Verdict::Idle;
             }
