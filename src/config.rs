@@ -273,34 +273,19 @@ pub fn tls_server_config(
     certs: Vec<rustls::pki_types::CertificateDer<'static>>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
 ) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key do not make a TLS identity: {e}"))?;
+    let mut config = connectors::tls::server_config_with(certs, key, None)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(std::sync::Arc::new(config))
 }
 
-/// Reads a PEM certificate chain and private key.
+/// Reads a PEM certificate chain and private key (errors name the field and the file, never
+/// a line of it).
 pub fn load_tls(
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let certs = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cert_file {}: {e}", cert_file.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "cert_file {}: no CERTIFICATE in it",
-            cert_file.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| format!("key_file {}: {e}", key_file.display()))?;
+    let certs = connectors::tls::read_certs("cert_file", cert_file)?;
+    let key = connectors::tls::read_key("key_file", key_file)?;
     tls_server_config(certs, key)
 }
 
@@ -1043,6 +1028,17 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
             .unwrap_err()
             .join("\n");
         assert!(joined.contains("cert_file"), "{joined}");
+        // A malformed key names the file, never quotes a line of it.
+        std::fs::write(
+            dir.path().join("bad-key.pem"),
+            "-----BEGIN PRIVATE KEY s3cr3t-m4t3r14l\n",
+        )
+        .unwrap();
+        let joined = parse(&with_tls(&cert_file, &dir.path().join("bad-key.pem")))
+            .unwrap_err()
+            .join("\n");
+        assert!(joined.contains("key_file"), "{joined}");
+        assert!(!joined.contains("s3cr3t"), "{joined}");
     }
 
     #[test]
