@@ -32,7 +32,7 @@ pub struct DemoArgs {
     /// Policy directory.
     #[arg(long, default_value = "policies")]
     policies: PathBuf,
-    /// Audit directory (default: a new directory under the system temp dir).
+    /// Audit directory (default: a new private directory under the system temp dir).
     #[arg(long)]
     audit_dir: Option<PathBuf>,
     /// Seed of the synthetic region: the same seed gives the same region.
@@ -81,7 +81,8 @@ pub struct DemoArgs {
     /// the CA's PEM file is written and printed (`CA file PATH`) for clients to trust.
     #[arg(long)]
     tls: bool,
-    /// Where `--tls` writes the CA certificate (default: beside the audit directory).
+    /// Where `--tls` writes the CA certificate (default: `ca.pem` in a new private directory
+    /// under the system temp dir).
     #[arg(long, requires = "tls")]
     ca_out: Option<PathBuf>,
     /// Largest request head (request line and headers) in bytes; more is a 431.
@@ -250,14 +251,22 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             connector: s.config.clone(),
         })
         .collect();
-    let audit_dir = args.audit_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("tributary-demo-audit-{}", std::process::id()))
-    });
+    // The default audit directory is private too: audit records are about patients.
+    let audit_dir = match args.audit_dir.clone() {
+        Some(dir) => dir,
+        None => connectors::synth::launch::private_temp_dir("tributary-demo-audit")
+            .map_err(|e| format!("cannot make a directory for the audit trail: {e}"))?,
+    };
     let tls = if args.tls {
         let (ca_pem, config) = demo_tls()?;
-        let ca_file = args.ca_out.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("tributary-demo-ca-{}.pem", std::process::id()))
-        });
+        let ca_file = match args.ca_out.clone() {
+            Some(path) => path,
+            // A private directory of its own: a guessable path in a shared /tmp could be a
+            // file or symlink someone else planted, and clients trust what it holds.
+            None => connectors::synth::launch::private_temp_dir("tributary-demo-ca")
+                .map_err(|e| format!("cannot make a directory for the demo CA: {e}"))?
+                .join("ca.pem"),
+        };
         std::fs::write(&ca_file, ca_pem)
             .map_err(|e| format!("cannot write {}: {e}", ca_file.display()))?;
         Some((ca_file, config))
