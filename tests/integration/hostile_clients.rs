@@ -318,6 +318,55 @@ async fn silent_and_preface_only_connections_are_closed_after_the_header_timeout
 }
 
 #[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_closed_after_the_write_timeout() {
+    let demo = Demo::start(&[
+        "--max-connections",
+        "1",
+        "--write-timeout",
+        "1s",
+        "--header-read-timeout",
+        "60s",
+    ])
+    .await;
+    // Thousands of pipelined requests whose answers are never read: the gateway's writes
+    // fill both sockets' buffers (several MiB on loopback) and then make no progress.
+    let stream = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    let (reader, mut writer) = stream.into_split();
+    let flood = tokio::spawn(async move {
+        let request = b"GET /fhir/metadata HTTP/1.1\r\nhost: x\r\n\r\n";
+        for _ in 0..20_000 {
+            if writer.write_all(request).await.is_err() {
+                break;
+            }
+        }
+        writer
+    });
+    // Its place is freed: a new client is served. The guard is far shorter than the 30 s
+    // default, so the test fails if the flag is not honoured (polled, since the refusals
+    // continue until the gateway gives up on the stalled writes).
+    let served = tokio::time::timeout(CUT_OFF_GUARD, async {
+        loop {
+            let answer = raw(
+                &demo.base,
+                b"GET /fhir/metadata HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            )
+            .await;
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "a client that does not read kept its connection"
+    );
+    flood.abort();
+    drop(reader);
+}
+
+#[tokio::test]
 async fn a_user_or_organisation_over_its_rate_gets_429_while_others_are_served() {
     let demo = Demo::start(&[
         "--sub-rate",
