@@ -79,6 +79,10 @@ async fn oversized_heads_get_431_and_oversized_bodies_get_a_413_outcome() {
     .await;
     assert_eq!(reply.status, 413, "{}", reply.text);
     assert_eq!(reply.issues()[0]["code"], "too-long");
+    assert_eq!(
+        reply.headers["connection"], "close",
+        "the body was not read, so the connection cannot carry another request"
+    );
     assert!(
         reply.headers["content-type"]
             .to_str()
