@@ -17,6 +17,12 @@
 //! HTTP/2 client is also pinged, and closed when it stops answering); a write that makes no
 //! progress for `write_timeout` (a client that does not read its answers) closes it.
 //!
+//! A request is in flight until its handler has answered; writing the answer's body is then
+//! bounded by `write_timeout` while the socket is full, and by `idle_timeout` plus
+//! `header_read_timeout` in all. The second bound is what ends an HTTP/2 stream whose client
+//! grants no flow-control window (its socket never fills, so no write stalls); the cost is
+//! that an answer still being written to a slow but reading client after that long is cut.
+//!
 //! Plain listeners speak HTTP/1.1 only; TLS listeners speak what ALPN chose (`h2` or
 //! HTTP/1.1). Nothing sniffs the first bytes, so nothing waits on a client without a timer.
 //!
