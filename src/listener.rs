@@ -484,3 +484,57 @@ async fn refuse(mut stream: TcpStream, retry_after: u64) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_over_the_cap_is_told_the_configured_retry_after() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let limits = Limits {
+            max_connections: 1,
+            header_read_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let task = serve(
+            listener,
+            axum::Router::new(),
+            Listen {
+                limits,
+                tls: None,
+                retry_after: Duration::from_secs(7),
+            },
+            stopped,
+        );
+        // One connection holds the only place (it has begun a request head).
+        let mut held = TcpStream::connect(addr).await.unwrap();
+        held.write_all(b"GET / HT").await.unwrap();
+        // Until the listener has accepted it another may get in: ask until refused (a
+        // generous guard stops a hang).
+        let answer = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out).await;
+                let out = String::from_utf8_lossy(&out).into_owned();
+                if out.starts_with("HTTP/1.1 503") {
+                    break out;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert!(answer.contains("retry-after: 7\r\n"), "{answer}");
+        drop(held);
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
+}

@@ -533,6 +533,13 @@ async fn axum_rejections_and_fallbacks_are_operation_outcomes() {
             "{method} {path}: {}",
             reply.text
         );
+        if status == 405 {
+            assert!(
+                !reply.issue_text().contains("use GET"),
+                "a GET must not be told to use GET: {}",
+                reply.text
+            );
+        }
     }
     assert_eq!(demo.get("/metadata").await.status, 200, "still serving");
 }
