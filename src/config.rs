@@ -70,6 +70,23 @@ fn default_reserve() -> Duration {
     Duration::from_millis(50)
 }
 
+impl Budget {
+    /// The least time a request is given, whatever `Prefer: wait` asks: `wait=0` would
+    /// otherwise be a deadline of now, and always a 504. It is 500 ms, or the reserve plus
+    /// [`Budget::MIN_CALL`] if that is more, and never more than `max`.
+    pub fn wait_floor(&self) -> Duration {
+        self.unclipped_floor().min(self.max)
+    }
+
+    /// The least an upstream call is left once the reserve is kept back.
+    pub const MIN_CALL: Duration = Duration::from_millis(250);
+    const LEAST_WAIT: Duration = Duration::from_millis(500);
+
+    fn unclipped_floor(&self) -> Duration {
+        Self::LEAST_WAIT.max(self.reserve.saturating_add(Self::MIN_CALL))
+    }
+}
+
 impl Default for Budget {
     fn default() -> Self {
         Self {
@@ -138,6 +155,14 @@ pub struct Limits {
     /// A TLS client must finish its handshake within this time.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// A connection with no request in flight for this long is closed gracefully
+    /// (HTTP/1.1 keep-alive and HTTP/2 alike).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A write to a client that makes no progress for this long (the client is not reading
+    /// its answers) closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Connections open at once; the next plain-HTTP one gets a 503 and is closed, the next
     /// TLS one is closed before its handshake.
     pub max_connections: usize,
@@ -158,6 +183,8 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
             max_connections: 4096,
             max_body_bytes: 64 * 1024,
             sub_rate: 50.0,
@@ -197,6 +224,8 @@ impl Limits {
         for (name, d) in [
             ("header_read_timeout", self.header_read_timeout),
             ("tls_handshake_timeout", self.tls_handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("write_timeout", self.write_timeout),
         ] {
             if d.is_zero() {
                 p.push(format!("{name} must be more than zero"));
@@ -215,6 +244,11 @@ impl Limits {
             if !rate.is_finite() || rate < 0.0 {
                 p.push(format!(
                     "{name}_rate must be a number of requests per second, 0 for no limit"
+                ));
+            } else if rate > 0.0 && rate < crate::ratelimit::Rate::MIN_PER_SECOND {
+                p.push(format!(
+                    "{name}_rate must be 0 (no limit) or at least {} requests per second",
+                    crate::ratelimit::Rate::MIN_PER_SECOND
                 ));
             } else if rate > 0.0 && burst == 0 {
                 p.push(format!(
@@ -239,34 +273,19 @@ pub fn tls_server_config(
     certs: Vec<rustls::pki_types::CertificateDer<'static>>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
 ) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key do not make a TLS identity: {e}"))?;
+    let mut config = connectors::tls::server_config_with(certs, key, None)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(std::sync::Arc::new(config))
 }
 
-/// Reads a PEM certificate chain and private key.
+/// Reads a PEM certificate chain and private key (errors name the field and the file, never
+/// a line of it).
 pub fn load_tls(
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let certs = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cert_file {}: {e}", cert_file.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "cert_file {}: no CERTIFICATE in it",
-            cert_file.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| format!("key_file {}: {e}", key_file.display()))?;
+    let certs = connectors::tls::read_certs("cert_file", cert_file)?;
+    let key = connectors::tls::read_key("key_file", key_file)?;
     tls_server_config(certs, key)
 }
 
@@ -587,6 +606,18 @@ impl Config {
                     "reserve must be less than default, or no upstream call has any time",
                 );
             }
+            if b.max < b.unclipped_floor() {
+                p.at(
+                    None,
+                    "[budget]",
+                    format_args!(
+                        "max ({}) is less than the least wait a request is given ({}: 500ms, or reserve + {})",
+                        humantime::format_duration(b.max),
+                        humantime::format_duration(b.unclipped_floor()),
+                        humantime::format_duration(Budget::MIN_CALL)
+                    ),
+                );
+            }
         }
 
         let auth = match auth_section {
@@ -877,6 +908,35 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
     }
 
     #[test]
+    fn the_wait_floor_leaves_the_reserve_a_call_and_never_passes_max() {
+        let ms = Duration::from_millis;
+        let budget = |default, max, reserve| Budget {
+            default: ms(default),
+            max: ms(max),
+            reserve: ms(reserve),
+        };
+        assert_eq!(Budget::default().wait_floor(), ms(500));
+        assert_eq!(
+            budget(2000, 10_000, 900).wait_floor(),
+            ms(1150),
+            "reserve + a call"
+        );
+        assert_eq!(budget(200, 300, 50).wait_floor(), ms(300), "never past max");
+        let joined = parse(&GOOD.replace(
+            "[budget]\ndefault = \"1500ms\"",
+            "[budget]\ndefault = \"1500ms\"\nmax = \"1500ms\"\nreserve = \"1400ms\"",
+        ))
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            joined.contains(
+                "max (1s 500ms) is less than the least wait a request is given (1s 650ms"
+            ),
+            "{joined}"
+        );
+    }
+
+    #[test]
     fn limits_fill_in_defaults_and_report_every_problem() {
         assert_eq!(parse(GOOD).unwrap().limits, Limits::default());
         let tuned = format!(
@@ -899,6 +959,21 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
         ] {
             assert!(joined.contains(expect), "{expect}: {joined}");
         }
+        let tiny = format!(
+            "{GOOD}\n[limits]\nsub_rate = 1e-20\norg_rate = 0.001\nwrite_timeout = \"0s\"\nidle_timeout = \"0s\"\n"
+        );
+        let joined = parse(&tiny).unwrap_err().join("\n");
+        for expect in [
+            "sub_rate must be 0 (no limit) or at least 0.001 requests per second",
+            "write_timeout must be more than zero",
+            "idle_timeout must be more than zero",
+        ] {
+            assert!(joined.contains(expect), "{expect}: {joined}");
+        }
+        assert!(
+            !joined.contains("org_rate"),
+            "the floor itself is allowed: {joined}"
+        );
         let unknown = format!("{GOOD}\n[limits]\nmax_sockets = 3\n");
         assert!(
             parse(&unknown)
@@ -953,6 +1028,17 @@ connector = { type = "hl7v2", address = "127.0.0.1:2575" }
             .unwrap_err()
             .join("\n");
         assert!(joined.contains("cert_file"), "{joined}");
+        // A malformed key names the file, never quotes a line of it.
+        std::fs::write(
+            dir.path().join("bad-key.pem"),
+            "-----BEGIN PRIVATE KEY s3cr3t-m4t3r14l\n",
+        )
+        .unwrap();
+        let joined = parse(&with_tls(&cert_file, &dir.path().join("bad-key.pem")))
+            .unwrap_err()
+            .join("\n");
+        assert!(joined.contains("key_file"), "{joined}");
+        assert!(!joined.contains("s3cr3t"), "{joined}");
     }
 
     #[test]

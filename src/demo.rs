@@ -32,7 +32,7 @@ pub struct DemoArgs {
     /// Policy directory.
     #[arg(long, default_value = "policies")]
     policies: PathBuf,
-    /// Audit directory (default: a new directory under the system temp dir).
+    /// Audit directory (default: a new private directory under the system temp dir).
     #[arg(long)]
     audit_dir: Option<PathBuf>,
     /// Seed of the synthetic region: the same seed gives the same region.
@@ -81,7 +81,8 @@ pub struct DemoArgs {
     /// the CA's PEM file is written and printed (`CA file PATH`) for clients to trust.
     #[arg(long)]
     tls: bool,
-    /// Where `--tls` writes the CA certificate (default: beside the audit directory).
+    /// Where `--tls` writes the CA certificate (default: `ca.pem` in a new private directory
+    /// under the system temp dir).
     #[arg(long, requires = "tls")]
     ca_out: Option<PathBuf>,
     /// Largest request head (request line and headers) in bytes; more is a 431.
@@ -93,6 +94,12 @@ pub struct DemoArgs {
     /// A TLS client must finish its handshake within this time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     tls_handshake_timeout: Duration,
+    /// A connection with no request in flight this long is closed gracefully.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// A write to a client that makes no progress this long closes the connection.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    write_timeout: Duration,
     /// Connections open at once; past it a plain connection gets a 503, a TLS one is closed.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
@@ -120,6 +127,8 @@ impl DemoArgs {
             max_header_bytes: self.max_header_bytes as usize,
             header_read_timeout: self.header_read_timeout,
             tls_handshake_timeout: self.tls_handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
             max_connections: self.max_connections as usize,
             max_body_bytes: self.max_body_bytes as usize,
             sub_rate: self.sub_rate,
@@ -242,14 +251,22 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             connector: s.config.clone(),
         })
         .collect();
-    let audit_dir = args.audit_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("tributary-demo-audit-{}", std::process::id()))
-    });
+    // The default audit directory is private too: audit records are about patients.
+    let audit_dir = match args.audit_dir.clone() {
+        Some(dir) => dir,
+        None => connectors::synth::launch::private_temp_dir("tributary-demo-audit")
+            .map_err(|e| format!("cannot make a directory for the audit trail: {e}"))?,
+    };
     let tls = if args.tls {
         let (ca_pem, config) = demo_tls()?;
-        let ca_file = args.ca_out.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("tributary-demo-ca-{}.pem", std::process::id()))
-        });
+        let ca_file = match args.ca_out.clone() {
+            Some(path) => path,
+            // A private directory of its own: a guessable path in a shared /tmp could be a
+            // file or symlink someone else planted, and clients trust what it holds.
+            None => connectors::synth::launch::private_temp_dir("tributary-demo-ca")
+                .map_err(|e| format!("cannot make a directory for the demo CA: {e}"))?
+                .join("ca.pem"),
+        };
         std::fs::write(&ca_file, ca_pem)
             .map_err(|e| format!("cannot write {}: {e}", ca_file.display()))?;
         Some((ca_file, config))

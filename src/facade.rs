@@ -17,7 +17,7 @@ use connectors::{NhsNumber, NhsNumberError, ResourceType, nhs::NHS_NUMBER_SYSTEM
 use rand::RngCore;
 use serde_json::Value;
 use tokio::time::Instant;
-use tracing::{Instrument, error, info};
+use tracing::{Instrument, debug, error, info};
 
 use crate::{
     auth::{AuthError, Verifier},
@@ -57,11 +57,6 @@ pub struct Facade {
     /// A request body must arrive in full within this time; otherwise a 408.
     pub body_timeout: Duration,
 }
-
-/// The least time a request is given, whatever `Prefer: wait` asks: `wait=0` would otherwise
-/// be a deadline of now, and always a 504. With it the answer carries what the cache and the
-/// fastest sources have, and its OperationOutcome says the wait was raised.
-pub const MIN_WAIT: Duration = Duration::from_millis(500);
 
 /// Load shedding: at most `max_in_flight` data requests at once; the next is answered at
 /// once with 503, `Retry-After` and an OperationOutcome, never queued. A queued request
@@ -134,6 +129,9 @@ pub struct ApiError {
     challenge: Option<&'static str>,
     /// `Retry-After` in seconds (429, 503).
     retry_after: Option<u64>,
+    /// Send `Connection: close`: the request body was left unread (or half read), so the
+    /// connection cannot carry another request.
+    close: bool,
 }
 
 impl ApiError {
@@ -143,11 +141,20 @@ impl ApiError {
             issues: vec![Issue::new("error", code, text)],
             challenge: None,
             retry_after: None,
+            close: false,
         }
     }
 
     fn bad_request(text: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid", text)
+    }
+
+    /// The same answer with `Connection: close`, for a request whose body was not read.
+    fn closing(self) -> Self {
+        Self {
+            close: true,
+            ..self
+        }
     }
 }
 
@@ -163,6 +170,7 @@ impl From<AuthError> for ApiError {
                 "Bearer realm=\"tributary\", error=\"invalid_token\""
             }),
             retry_after: None,
+            close: false,
         }
     }
 }
@@ -186,6 +194,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.close {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -303,7 +316,10 @@ fn outcome_for_plain(response: Response) -> Response {
             "the request body's media type is not accepted here",
         ),
         StatusCode::NOT_FOUND => ("not-supported", "no such endpoint: see GET /fhir/metadata"),
-        StatusCode::METHOD_NOT_ALLOWED => ("not-supported", "this endpoint is read-only: use GET"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "not-supported",
+            "this method is not served on this endpoint (reads are GET, search by POST is _search): see GET /fhir/metadata",
+        ),
         s if s.is_client_error() => (
             "invalid",
             "the request could not be read: the path, query, headers and body must be well formed and UTF-8",
@@ -395,7 +411,7 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "not-supported",
-        "this endpoint is read-only: use GET",
+        "this method is not served on this endpoint (reads are GET, search by POST is _search): see GET /fhir/metadata",
     )
 }
 
@@ -410,7 +426,8 @@ struct Asked {
     strict: bool,
     break_glass: Option<String>,
     relationship_claim: Option<String>,
-    /// Said in the answer's OperationOutcome (e.g. that the wait was raised to [`MIN_WAIT`]).
+    /// Said in the answer's OperationOutcome (e.g. that the wait was raised to the floor,
+    /// [`crate::config::Budget::wait_floor`]).
     notes: Vec<Issue>,
 }
 
@@ -425,7 +442,8 @@ impl Facade {
         // After authentication (the limits are per token) and before any upstream work.
         if let Err((scope, wait)) = self.limits.check(&principal.sub, principal.org.as_str()) {
             crate::metrics::global().rate_limited(scope.as_str());
-            info!(scope = scope.as_str(), "Rate limited.");
+            // debug: the metric counts refusals, and one line per 429 would flood the log.
+            debug!(scope = scope.as_str(), "Rate limited.");
             let mut err = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "throttled",
@@ -443,19 +461,22 @@ impl Facade {
         let prefer = Prefer::parse(headers)?;
         let budget = &self.gateway.budget;
         let mut notes = Vec::new();
+        // With the floor the answer carries what the cache and the fastest sources have, and
+        // its OperationOutcome says the wait was raised.
+        let floor = budget.wait_floor();
         let wait = match prefer.wait {
             None => budget.default,
-            Some(w) if w < MIN_WAIT => {
+            Some(w) if w < floor => {
                 notes.push(Issue::new(
                     "information",
                     "informational",
                     format!(
                         "Prefer: wait={} was raised to {} ms, the least time the gateway gives a request",
                         w.as_secs(),
-                        MIN_WAIT.as_millis()
+                        floor.as_millis()
                     ),
                 ));
-                MIN_WAIT
+                floor
             }
             Some(w) => w.min(budget.max),
         };
@@ -739,7 +760,7 @@ async fn type_search(
     RawQuery(q): RawQuery,
     req: axum::Extension<RequestId>,
 ) -> Result<Response, ApiError> {
-    search_type(f, headers, ty, Params::parse(q.as_deref()), req.0).await
+    search_type(f, &headers, None, ty, Params::parse(q.as_deref()), req.0).await
 }
 
 /// FHIR search by POST: `application/x-www-form-urlencoded` parameters in the body.
@@ -750,6 +771,9 @@ async fn type_search_post(
     req: axum::Extension<RequestId>,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    // Who is asking, and within their rate, before any of the body is read: an anonymous or
+    // throttled caller must not hold a load-shed permit while it trickles a body.
+    let asked = f.asked(&headers).map_err(ApiError::closing)?;
     let form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -762,17 +786,32 @@ async fn type_search_post(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "not-supported",
             "search by POST takes application/x-www-form-urlencoded parameters",
-        ));
+        )
+        .closing());
     }
-    let body = f.read_body(&headers, body).await?;
+    let body = f
+        .read_body(&headers, body)
+        .await
+        .map_err(ApiError::closing)?;
     let body = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_request("the form body is not UTF-8"))?;
-    search_type(f, headers, ty, Params::parse(Some(body)), req.0).await
+    search_type(
+        f,
+        &headers,
+        Some(asked),
+        ty,
+        Params::parse(Some(body)),
+        req.0,
+    )
+    .await
 }
 
+/// A type search by GET or POST; `asked` is the caller when the handler has already
+/// authenticated it (POST does so before reading its body).
 async fn search_type(
     f: Facade,
-    headers: HeaderMap,
+    headers: &HeaderMap,
+    asked: Option<Asked>,
     ty: String,
     mut params: Params,
     req: RequestId,
@@ -794,7 +833,10 @@ async fn search_type(
             "search Patient with GET /fhir/Patient?identifier=...",
         ));
     }
-    let asked = f.asked(&headers)?;
+    let asked = match asked {
+        Some(asked) => asked,
+        None => f.asked(headers)?,
+    };
     let nhs = match (params.take("patient")?, params.take("patient:identifier")?) {
         (Some(reference), None) => patient_reference(&reference)?,
         (None, Some(token)) => nhs_token(&token)?,
@@ -841,6 +883,7 @@ fn unavailable(outcomes: &[SourceOutcome]) -> ApiError {
         issues,
         challenge: None,
         retry_after: None,
+        close: false,
     }
 }
 

@@ -11,7 +11,8 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use tokio::time::Instant;
 
-/// A rate: `per_second` tokens refill each second, up to `burst`. A zero rate is no limit.
+/// A rate: `per_second` tokens refill each second, up to `burst`. A zero rate is no limit;
+/// configuration refuses positive rates below [`Rate::MIN_PER_SECOND`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
     pub per_second: f64,
@@ -23,6 +24,10 @@ impl Rate {
         per_second: 0.0,
         burst: 0,
     };
+
+    /// The smallest rate configuration accepts (one request in about 17 minutes): below it a
+    /// limit is a mistake, not a policy.
+    pub const MIN_PER_SECOND: f64 = 0.001;
 
     pub fn is_off(&self) -> bool {
         self.per_second <= 0.0
@@ -82,9 +87,11 @@ impl KeyedLimiter {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - bucket.tokens) / self.rate.per_second,
-            ))
+            // A tiny rate makes the wait longer than a Duration holds: wait "for ever".
+            Err(
+                Duration::try_from_secs_f64((1.0 - bucket.tokens) / self.rate.per_second)
+                    .unwrap_or(Duration::MAX),
+            )
         }
     }
 
@@ -149,15 +156,20 @@ impl RateLimits {
         self.org.check(org).map_err(|d| (Scope::Org, d))
     }
 
-    /// Drops full buckets every `every` until the returned task is aborted.
+    /// Drops full buckets every `every` until the returned task is aborted or the limits
+    /// are dropped (the task holds them weakly, so it cannot outlive the server).
     pub fn sweeper(
-        limits: std::sync::Arc<RateLimits>,
+        limits: &std::sync::Arc<RateLimits>,
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
+        let limits = std::sync::Arc::downgrade(limits);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
+                let Some(limits) = limits.upgrade() else {
+                    break;
+                };
                 limits.sub.sweep();
                 limits.org.sweep();
             }
@@ -167,7 +179,9 @@ impl RateLimits {
 
 /// `Retry-After` in whole seconds, rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let secs = wait
+        .as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0));
     secs.max(1)
 }
 
@@ -240,6 +254,35 @@ mod tests {
         for _ in 0..100 {
             assert!(off.check("a", "RXL").is_ok());
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tiny_rate_refuses_with_a_wait_that_does_not_overflow() {
+        // (1 - tokens) / 1e-20 seconds does not fit a Duration: it once panicked here.
+        let l = KeyedLimiter::new(Rate {
+            per_second: 1e-20,
+            burst: 1,
+        });
+        assert!(l.check("alice").is_ok());
+        let wait = l.check("alice").unwrap_err();
+        assert_eq!(wait, Duration::MAX);
+        assert_eq!(retry_after_secs(wait), u64::MAX);
+        assert_eq!(retry_after_secs(Duration::new(u64::MAX, 1)), u64::MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_ends_when_the_limits_are_dropped() {
+        let limits = std::sync::Arc::new(RateLimits::new(Rate::OFF, Rate::OFF));
+        let sweeper = RateLimits::sweeper(&limits, Duration::from_secs(60));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        tokio::task::yield_now().await;
+        assert!(!sweeper.is_finished(), "sweeps while the limits live");
+        drop(limits);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        tokio::time::timeout(Duration::from_secs(1), sweeper)
+            .await
+            .expect("the sweeper outlived its limits")
+            .unwrap();
     }
 
     #[test]

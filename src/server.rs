@@ -143,7 +143,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         settings.limits.sub(),
         settings.limits.org(),
     ));
-    let sweeper = RateLimits::sweeper(limits.clone(), Duration::from_secs(60));
+    let sweeper = RateLimits::sweeper(&limits, Duration::from_secs(60));
     let facade = facade::router(Facade {
         gateway: gateway.clone(),
         verifier,
@@ -166,6 +166,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
             Listen {
                 limits: settings.limits,
                 tls: settings.tls,
+                retry_after: settings.resilience.shed.retry_after,
             },
             stopped.clone(),
         ),
@@ -176,6 +177,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
             Listen {
                 limits: settings.limits,
                 tls: None,
+                retry_after: settings.resilience.shed.retry_after,
             },
             stopped,
         ),

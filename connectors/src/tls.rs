@@ -230,8 +230,9 @@ fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     })
 }
 
-/// Every certificate in a PEM file; at least one.
-fn read_certs(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Every certificate in a PEM file; at least one. Errors name `what` and the path, never the
+/// file's content.
+pub fn read_certs(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read_file(what, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -251,8 +252,9 @@ fn read_certs(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, S
     Ok(certs)
 }
 
-/// The first private key in a PEM file.
-fn read_key(what: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+/// The first private key in a PEM file. Errors name `what` and the path, never a line of the
+/// key.
+pub fn read_key(what: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let pem = read_file(what, path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => format!(
@@ -268,7 +270,7 @@ fn read_key(what: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 }
 
 /// A PEM error as a short fragment that never echoes the file's content.
-fn pem_error(e: &rustls_pki_types::pem::Error) -> &'static str {
+pub fn pem_error(e: &rustls_pki_types::pem::Error) -> &'static str {
     use rustls_pki_types::pem::Error as E;
     match e {
         E::MissingSectionEnd { .. } => "a section has no END line",
@@ -394,11 +396,8 @@ pub fn server_config(
         .map_err(|e| format!("server certificate: not valid PEM ({})", pem_error(&e)))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| format!("server key: not valid PEM ({})", pem_error(&e)))?;
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("no protocol version available ({e})"))?;
-    let builder = match client_ca_pem {
-        None => builder.with_no_client_auth(),
+    let client_roots = match client_ca_pem {
+        None => None,
         Some(pem) => {
             let mut roots = RootCertStore::empty();
             for cert in CertificateDer::pem_slice_iter(pem) {
@@ -408,6 +407,26 @@ pub fn server_config(
                     .add(cert)
                     .map_err(|_| "client ca: not a usable ca certificate".to_owned())?;
             }
+            Some(roots)
+        }
+    };
+    server_config_with(certs, key, client_roots).map(Arc::new)
+}
+
+/// A server-side TLS config from a parsed certificate chain and key (the simulators and the
+/// gateway's facade both build theirs here), requiring a client certificate that chains to
+/// `client_roots` when given. Not yet in an `Arc`, so a caller can set ALPN.
+pub fn server_config_with(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_roots: Option<RootCertStore>,
+) -> Result<ServerConfig, String> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("no protocol version available ({e})"))?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
             let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider())
                 .build()
                 .map_err(|e| format!("client ca: {e}"))?;
@@ -416,7 +435,6 @@ pub fn server_config(
     };
     builder
         .with_single_cert(certs, key)
-        .map(Arc::new)
         .map_err(|e| format!("server certificate and key: {e}"))
 }
 

@@ -1,5 +1,6 @@
 //! `demo --tls`: HTTPS that a client verifies against the CA file the demo prints; plain
-//! HTTP and stalled handshakes are dropped cleanly and the gateway keeps serving.
+//! HTTP, stalled handshakes, and HTTP/2 connections that stay silent or idle are dropped
+//! cleanly and the gateway keeps serving.
 
 use std::{path::Path, sync::Arc};
 
@@ -248,4 +249,85 @@ async fn past_the_connection_cap_a_tls_connection_is_closed_before_its_handshake
     .await;
     let (status, body, _) = served.expect("after the release a connection was never served");
     assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn an_h2_connection_that_sends_no_request_is_closed_and_frees_its_place() {
+    // hyper's HTTP/2 server has no header timer: the listener's own bound must close this.
+    let demo = Demo::start(&[
+        "--tls",
+        "--max-connections",
+        "1",
+        "--header-read-timeout",
+        "1s",
+    ])
+    .await;
+    let ca = demo.ca_file.clone().unwrap();
+    let tcp = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    let mut silent = tokio::time::timeout(
+        PATIENCE,
+        connector(&ca, &[b"h2"]).connect(ServerName::try_from("127.0.0.1").unwrap(), tcp),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    // It never sends its HTTP/2 preface. The guard is generous against the 1 s flag and
+    // shorter than the 10 s default, so the test fails if the flag is not honoured.
+    let ended = tokio::time::timeout(CUT_OFF_GUARD, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a silent HTTP/2 connection was never closed");
+    // Its place is free: a new client is served (polled until the gateway has released the
+    // permit; a generous guard stops a hang).
+    let served = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let tcp = TcpStream::connect(authority(&demo.base)).await.unwrap();
+            if let Ok(tls) = connector(&ca, &[b"h2"])
+                .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+                .await
+            {
+                break get_on(&demo, tls, "/metadata").await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (status, body, _) = served.expect("the closed connection never freed its place");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_after_the_idle_timeout() {
+    let demo = Demo::start(&["--tls", "--idle-timeout", "1s"]).await;
+    let ca = demo.ca_file.clone().unwrap();
+    let tcp = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    let tls = connector(&ca, &[b"h2"])
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let request = Request::get(format!("{}/metadata", demo.base))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let _ = response.into_body().collect().await.unwrap();
+    // No more requests: the gateway ends the connection (GOAWAY, then close), and the
+    // client's connection task finishes. The guard is generous against the 1 s flag and
+    // shorter than the 60 s default, so the test fails if the flag is not honoured.
+    let ended = tokio::time::timeout(CUT_OFF_GUARD, conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was never closed");
+    assert!(sender.is_closed() || sender.ready().await.is_err());
 }

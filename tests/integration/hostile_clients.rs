@@ -79,6 +79,10 @@ async fn oversized_heads_get_431_and_oversized_bodies_get_a_413_outcome() {
     .await;
     assert_eq!(reply.status, 413, "{}", reply.text);
     assert_eq!(reply.issues()[0]["code"], "too-long");
+    assert_eq!(
+        reply.headers["connection"], "close",
+        "the body was not read, so the connection cannot carry another request"
+    );
     assert!(
         reply.headers["content-type"]
             .to_str()
@@ -145,8 +149,56 @@ async fn a_body_that_trickles_gets_408_while_others_are_served() {
     assert!(ended.is_ok(), "the trickling client was never cut off");
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "the half-read body leaves the connection unusable: {answer}"
+    );
     assert!(answer.contains("\"OperationOutcome\""), "{answer}");
     assert_eq!(demo.get("/metadata").await.status, 200, "still serving");
+}
+
+#[tokio::test]
+async fn an_anonymous_trickling_post_gets_401_before_its_body_and_holds_no_permit() {
+    // One data request at a time, and a body timeout far past the guard: before
+    // authentication came first, this caller held the only permit while its body trickled.
+    let demo = Demo::start(&["--max-in-flight", "1", "--header-read-timeout", "60s"]).await;
+    let mut slow = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    slow.write_all(
+        b"POST /fhir/Condition/_search HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 100\r\n\r\npatient=",
+    )
+    .await
+    .unwrap();
+    // The answer comes without the rest of the body: the guard is far shorter than the body
+    // timeout, so a handler still waiting on the body fails the test.
+    let mut answer = Vec::new();
+    let answered = tokio::time::timeout(CUT_OFF_GUARD, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&answer).contains("OperationOutcome\"") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "the anonymous POST waited for its body");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("www-authenticate: bearer"), "{answer}");
+    assert!(lower.contains("connection: close"), "{answer}");
+    // The only permit is free while that client is still connected.
+    let nhs = demo.patient("typical");
+    assert_eq!(
+        demo.get(&format!("/Condition?patient={nhs}")).await.status,
+        200
+    );
+    drop(slow);
 }
 
 #[tokio::test]
@@ -178,20 +230,31 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
 #[tokio::test]
 async fn past_the_connection_cap_a_connection_gets_503_and_after_release_one_is_served() {
     let demo = Demo::start(&["--max-connections", "2", "--header-read-timeout", "60s"]).await;
-    let held: Vec<TcpStream> =
-        futures::future::join_all((0..2).map(|_| TcpStream::connect(authority(&demo.base))))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-    // The two held connections are accepted (and hold their permits) before the third.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let answer = raw(
-        &demo.base,
-        b"GET /fhir/metadata HTTP/1.1\r\nhost: x\r\n\r\n",
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // Each held connection has begun a request head, so it holds its place until the (long)
+    // header timeout, however the gateway bounds connections that send nothing.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(authority(&demo.base)).await.unwrap();
+        stream.write_all(b"GET /fhir/meta").await.unwrap();
+        held.push(stream);
+    }
+    // Until the gateway has accepted both held connections a third may still get in: poll
+    // for the refusal (a generous guard stops a hang).
+    let answer = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let answer = raw(
+                &demo.base,
+                b"GET /fhir/metadata HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            )
+            .await;
+            if answer.starts_with("HTTP/1.1 503") {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a connection over the cap was never refused");
     let lower = answer.to_ascii_lowercase();
     assert!(lower.contains("retry-after: 1"), "{answer}");
     assert!(lower.contains("connection: close"), "{answer}");
@@ -210,6 +273,101 @@ async fn past_the_connection_cap_a_connection_gets_503_and_after_release_one_is_
     })
     .await;
     assert!(served.is_ok(), "a fresh connection was never served");
+}
+
+/// Reads until the gateway closes `stream` (end or reset); false if it is still open after
+/// [`CUT_OFF_GUARD`].
+async fn closed_by_gateway(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(CUT_OFF_GUARD, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn silent_and_preface_only_connections_are_closed_after_the_header_timeout() {
+    let demo = Demo::start(&["--max-connections", "2", "--header-read-timeout", "1s"]).await;
+    // One connection sends nothing; the other only the first line of an HTTP/2 preface
+    // (cleartext HTTP/2 is not served, and nothing waits for the rest of it).
+    let mut silent = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    let mut preface = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    assert!(
+        closed_by_gateway(&mut silent).await,
+        "a connection that never sent a byte was never closed"
+    );
+    assert!(
+        closed_by_gateway(&mut preface).await,
+        "a partial HTTP/2 preface was never closed"
+    );
+    // Their places are free again: a new client is served (polled until the gateway has
+    // released both permits; a generous guard stops a hang).
+    let served = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if demo.get("/metadata").await.status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(served.is_ok(), "the closed connections never freed the cap");
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_closed_after_the_write_timeout() {
+    let demo = Demo::start(&[
+        "--max-connections",
+        "1",
+        "--write-timeout",
+        "1s",
+        "--header-read-timeout",
+        "60s",
+    ])
+    .await;
+    // Thousands of pipelined requests whose answers are never read: the gateway's writes
+    // fill both sockets' buffers (several MiB on loopback) and then make no progress.
+    let stream = TcpStream::connect(authority(&demo.base)).await.unwrap();
+    let (reader, mut writer) = stream.into_split();
+    let flood = tokio::spawn(async move {
+        let request = b"GET /fhir/metadata HTTP/1.1\r\nhost: x\r\n\r\n";
+        for _ in 0..20_000 {
+            if writer.write_all(request).await.is_err() {
+                break;
+            }
+        }
+        writer
+    });
+    // Its place is freed: a new client is served. The guard is far shorter than the 30 s
+    // default, so the test fails if the flag is not honoured (polled, since the refusals
+    // continue until the gateway gives up on the stalled writes).
+    let served = tokio::time::timeout(CUT_OFF_GUARD, async {
+        loop {
+            let answer = raw(
+                &demo.base,
+                b"GET /fhir/metadata HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            )
+            .await;
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "a client that does not read kept its connection"
+    );
+    flood.abort();
+    drop(reader);
 }
 
 #[tokio::test]
@@ -375,6 +533,13 @@ async fn axum_rejections_and_fallbacks_are_operation_outcomes() {
             "{method} {path}: {}",
             reply.text
         );
+        if status == 405 {
+            assert!(
+                !reply.issue_text().contains("use GET"),
+                "a GET must not be told to use GET: {}",
+                reply.text
+            );
+        }
     }
     assert_eq!(demo.get("/metadata").await.status, 200, "still serving");
 }

@@ -77,6 +77,34 @@ impl Drop for LaunchedRegion {
     }
 }
 
+/// A new directory under the system temp dir that only this user can enter (0700 on Unix),
+/// made with create-new semantics: a name someone else made first (a directory or a symlink
+/// planted at a guessable path) is never used, another name is tried instead.
+pub fn private_temp_dir(prefix: &str) -> io::Result<PathBuf> {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut last = None;
+    for _ in 0..16 {
+        let dir = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{nanos:08x}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        match builder.create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free temporary directory name")))
+}
+
 /// Binds one listener per source on 127.0.0.1 (an ephemeral port each) and starts its
 /// simulator; `faults` sets a source's initial fault by ODS code (others behave).
 pub async fn launch(
@@ -177,13 +205,7 @@ struct DemoPki {
 impl DemoPki {
     fn new() -> io::Result<Self> {
         // One directory per launched region: a process may run several (tests do).
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tributary-demo-pki-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir)?;
+        let dir = private_temp_dir("tributary-demo-pki")?;
         std::fs::write(
             dir.join("region-ca.crt"),
             include_str!("demo-pki/region-ca.crt"),
@@ -297,5 +319,20 @@ mod tests {
             !dir.exists(),
             "the demo PKI directory is removed with the region"
         );
+    }
+
+    #[test]
+    fn each_private_temp_dir_is_new_and_only_its_owner_may_enter() {
+        let a = private_temp_dir("tributary-test-private").unwrap();
+        let b = private_temp_dir("tributary-test-private").unwrap();
+        assert_ne!(a, b);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&a).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        }
+        std::fs::remove_dir(a).unwrap();
+        std::fs::remove_dir(b).unwrap();
     }
 }
