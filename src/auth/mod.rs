@@ -461,8 +461,9 @@ mod tests {
         assert_eq!(verifier().verify(&hs), Err(AuthError::BadAlgorithm));
     }
 
-    #[test]
-    fn a_tampered_payload_fails_the_signature() {
+    /// A clerk's genuine token, and the same with its payload rewritten to a clinician's,
+    /// keeping the signature.
+    fn tampered_token() -> (String, String) {
         let token =
             mint_demo_token("u1", "R8008", "RXL", "direct-care", Duration::from_secs(60)).unwrap();
         let parts: Vec<&str> = token.split('.').collect();
@@ -470,6 +471,12 @@ mod tests {
             r#"{"sub":"u1","role":"R8000","org":"RXL","purpose":"direct-care","aud":"tributary","exp":99999999999}"#,
         );
         let tampered = format!("{}.{forged}.{}", parts[0], parts[2]);
+        (token, tampered)
+    }
+
+    #[test]
+    fn a_tampered_payload_fails_the_signature() {
+        let (_, tampered) = tampered_token();
         assert_eq!(verifier().verify(&tampered), Err(AuthError::BadSignature));
     }
 
@@ -575,13 +582,7 @@ mod tests {
     #[test]
     fn tokens_that_fail_are_never_remembered() {
         let v = verifier();
-        let token =
-            mint_demo_token("u1", "R8008", "RXL", "direct-care", Duration::from_secs(60)).unwrap();
-        let parts: Vec<&str> = token.split('.').collect();
-        let forged = b64(
-            r#"{"sub":"u1","role":"R8000","org":"RXL","purpose":"direct-care","aud":"tributary","exp":99999999999}"#,
-        );
-        let tampered = format!("{}.{forged}.{}", parts[0], parts[2]);
+        let (token, tampered) = tampered_token();
         for _ in 0..2 {
             assert_eq!(v.verify(&tampered), Err(AuthError::BadSignature));
         }

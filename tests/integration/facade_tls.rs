@@ -13,15 +13,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{CUT_OFF_GUARD, Demo, PATIENCE};
-
-fn authority(base: &str) -> String {
-    base.split("://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap()
-        .to_owned()
-}
+use super::{CUT_OFF_GUARD, Demo, PATIENCE, authority};
 
 /// A rustls client that trusts only the CA in `ca_file`, offering `alpn`.
 fn connector(ca_file: &Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {

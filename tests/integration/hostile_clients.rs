@@ -9,16 +9,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{BIN, CUT_OFF_GUARD, Demo, PATIENCE, send};
-
-/// `host:port` of a base URL such as `http://127.0.0.1:1234/fhir`.
-fn authority(base: &str) -> String {
-    base.split("://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap()
-        .to_owned()
-}
+use super::{BIN, CUT_OFF_GUARD, Demo, PATIENCE, authority, send};
 
 /// Sends raw bytes and reads until the server closes (bounded by [`PATIENCE`]).
 async fn raw(base: &str, request: &[u8]) -> String {

@@ -27,6 +27,29 @@ use tokio::{
     sync::mpsc,
 };
 
+/// `host:port` of a base URL such as `http://127.0.0.1:1234/fhir`.
+pub fn authority(base: &str) -> String {
+    base.split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs `tributary check --config FILE`: whether it passed, and what it printed on stderr.
+pub async fn check_config(file: &std::path::Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(file)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
 /// The most any test waits for the binary to start or a response to arrive. A guard against
 /// a hung test, never a speed assertion.

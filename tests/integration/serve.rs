@@ -6,7 +6,7 @@ use std::{process::Stdio, sync::Arc, time::Duration};
 use connectors::synth::{Region, launch::launch, model::Label};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::{BIN, PATIENCE, TempDir, send};
+use super::{BIN, PATIENCE, TempDir, check_config, send};
 
 const KEY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -41,17 +41,8 @@ async fn serve_runs_a_region_described_in_toml() {
     let file = dir.0.join("region.toml");
     std::fs::write(&file, config).unwrap();
 
-    let check = tokio::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let (passed, err) = check_config(&file).await;
+    assert!(passed, "{err}");
 
     let mut child = tokio::process::Command::new(BIN)
         .args(["serve", "--config"])
@@ -114,14 +105,8 @@ async fn check_reports_every_problem_at_once_and_fails() {
         "[budget]\ndefault = \"soon\"\n\n[auth]\naudience = \"x\"\nkeys = []\n\n[sources.gp]\nods = \"P81001\"\nname = \"GP\"\nkind = \"surgery\"\nconnector = { type = \"fhir\", base_url = \"ftp://nope\" }\n\n[sources.rxl]\nods = \"RXL\"\nname = \"Blackpool\"\nkind = \"trust\"\nconnector = { type = \"fhir\", base_url = \"ftp://nope\" }\n",
     )
     .unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (passed, err) = check_config(&file).await;
+    assert!(!passed, "{err}");
     for expect in [
         "broken.toml:2:11: [budget]",
         "soon",

@@ -26,7 +26,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{BIN, Demo, PATIENCE, TempDir, send};
+use super::{BIN, Demo, PATIENCE, TempDir, check_config, send};
 
 const KEY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -232,17 +232,8 @@ async fn each_misconfigured_tls_source_fails_alone_with_its_reason() {
     let file = dir.0.join("region.toml");
     std::fs::write(&file, config_text(sources)).unwrap();
 
-    let check = tokio::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let (passed, err) = check_config(&file).await;
+    assert!(passed, "{err}");
 
     let log = dir.0.join("gateway.log");
     let mut child = tokio::process::Command::new(BIN)
@@ -344,14 +335,8 @@ async fn check_reports_tls_file_problems_with_their_place() {
     );
     let file = dir.0.join("region.toml");
     std::fs::write(&file, text).unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (passed, err) = check_config(&file).await;
+    assert!(!passed, "{err}");
     for expect in [
         "region.toml:5:1: [sources.gp]",
         "tls.ca_file",
