@@ -286,8 +286,15 @@ async fn each_misconfigured_tls_source_fails_alone_with_its_reason() {
                 .lines()
                 .find(|l| l.contains(ods.as_str()))
                 .unwrap_or_else(|| panic!("round {round}: {ods} not named in:\n{issues}"));
-            assert!(line.contains("tls"), "{line}");
-            assert!(line.contains(setup.reason().unwrap()), "{setup:?}: {line}");
+            // A FHIR source that wants a client certificate rejects its absence after the
+            // TLS 1.3 handshake; the alert can race the request inside hyper's pooled client,
+            // which then reports a transport failure (see connectors' TLS tests). The source
+            // is still named and still left out; every other reason is exact.
+            let raced = *setup == Setup::NoClientCert && line.ends_with("(transport)");
+            if !raced {
+                assert!(line.contains("tls"), "{line}");
+                assert!(line.contains(setup.reason().unwrap()), "{setup:?}: {line}");
+            }
             assert!(!from.iter().any(|o| o == ods.as_str()), "{ods} contributed");
         }
         for good in [&patient.gp, &home_trust] {

@@ -253,6 +253,14 @@ async fn every_case_is_classified(protocol: Protocol) {
                     "{protocol:?} {case:?}: empty answer"
                 )
             }
+            // TLS 1.3 checks a client certificate after the client's side of the handshake
+            // is done: the server's alert can reach hyper's connection task while the request
+            // is still being written, and the pooled client then fails the request as a
+            // transport error without the alert in it. MLLP reads the alert itself, so only
+            // FHIR can see this race; the source still fails alone, as a transport error.
+            (Some(_), Err(ConnectorError::Transport(_)))
+                if protocol == Protocol::Fhir
+                    && matches!(case, Case::NoClientCert | Case::UntrustedClientCert) => {}
             (Some(want), Err(err)) => {
                 assert_eq!(err, ConnectorError::Tls(want), "{protocol:?} {case:?}");
                 assert_eq!(err.code(), "tls");
