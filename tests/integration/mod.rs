@@ -50,6 +50,21 @@ pub async fn check_config(file: &std::path::Path) -> (bool, String) {
     )
 }
 
+/// Reads a started `tributary serve`'s stdout until it prints its base URL.
+pub async fn served_base_url(child: &mut Child) -> String {
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("serve exited early");
+        if let Some(b) = line.strip_prefix("base URL ") {
+            return b.to_owned();
+        }
+    }
+}
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
 /// The most any test waits for the binary to start or a response to arrive. A guard against
 /// a hung test, never a speed assertion.

@@ -4,9 +4,8 @@
 use std::{process::Stdio, sync::Arc, time::Duration};
 
 use connectors::synth::{Region, launch::launch, model::Label};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::{BIN, PATIENCE, TempDir, check_config, send};
+use super::{BIN, TempDir, check_config, send, served_base_url};
 
 const KEY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -56,17 +55,7 @@ async fn serve_runs_a_region_described_in_toml() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = tokio::time::timeout(PATIENCE, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("serve exited early");
-        if let Some(b) = line.strip_prefix("base URL ") {
-            break b.to_owned();
-        }
-    };
+    let base = served_base_url(&mut child).await;
     let (nhs, _) = region
         .sample_patients()
         .into_iter()

@@ -20,13 +20,9 @@ use connectors::{
     },
 };
 use serde_json::Value;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    net::TcpListener,
-    task::JoinHandle,
-};
+use tokio::{net::TcpListener, task::JoinHandle};
 
-use super::{BIN, Demo, PATIENCE, TempDir, check_config, send};
+use super::{BIN, Demo, TempDir, check_config, send, served_base_url};
 
 const KEY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -248,17 +244,7 @@ async fn each_misconfigured_tls_source_fails_alone_with_its_reason() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = tokio::time::timeout(PATIENCE, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("serve exited early");
-        if let Some(b) = line.strip_prefix("base URL ") {
-            break b.to_owned();
-        }
-    };
+    let base = served_base_url(&mut child).await;
     let token = tributary::auth::mint_demo_token(
         "u",
         "R8000",
