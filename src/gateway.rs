@@ -56,6 +56,19 @@ pub struct Gateway {
 pub struct FinishTail(AtomicU64);
 
 impl FinishTail {
+    /// What a gateway assumes before it has measured its own finish: a new audit file's first
+    /// syncs and a cold cache are slower than the steady state, and a request with a hung
+    /// source must still leave room for them. Fast finishes wear it down within a few dozen
+    /// requests.
+    pub const COLD_START: Duration = Duration::from_millis(100);
+
+    /// A mark that starts at `initial` (see [`Self::COLD_START`]).
+    pub fn starting_at(initial: Duration) -> Self {
+        let tail = Self::default();
+        tail.observe(initial);
+        tail
+    }
+
     pub fn observe(&self, took: Duration) {
         let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let _ = self

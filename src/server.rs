@@ -112,7 +112,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         budget: settings.budget,
         policy: settings.policy,
         audit,
-        finish: Default::default(),
+        finish: crate::gateway::FinishTail::starting_at(crate::gateway::FinishTail::COLD_START),
     });
     let verifier = Arc::new(Verifier::new(
         settings.auth.keys,
